@@ -1,0 +1,19 @@
+"""nnxloop: a training loop for JAX and Flax NNX with trustworthy checkpointing."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from nnxloop.callbacks import Callback
+from nnxloop.history import History
+from nnxloop.trainer import Trainer
+
+try:
+    __version__ = version("nnxloop")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Callback",
+    "History",
+    "Trainer",
+    "__version__",
+]

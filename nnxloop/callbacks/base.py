@@ -1,0 +1,123 @@
+"""The event protocol: `Callback`, and the dispatcher that calls the hooks in list order."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+if TYPE_CHECKING:
+    from nnxloop.trainer import Trainer
+
+Logs = Mapping[str, Any]
+
+
+class Callback:
+    """Base class of everything that reacts to training events. Every hook is a no-op.
+
+    Hooks are called in the order the callbacks were given to the `Trainer`. The per-step hook
+    `on_step_end` is only dispatched to callbacks that override it, so a callback that does not
+    need every step costs nothing per step.
+
+    Values in `logs` are device arrays: reading one (`float(logs["loss"])`) waits for the device,
+    so read them only on the steps where you need them.
+
+    Example:
+        ```python
+        class PrintLoss(nl.Callback):
+            def on_epoch_end(self, trainer, epoch, logs):
+                print(epoch, logs["loss"])
+        ```
+    """
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Called once when `fit` starts, before the first step (checkpoints restore here)."""
+
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+        """Called before the first step of epoch `epoch` (0-based; also a resumed epoch)."""
+
+    def on_step_end(self, trainer: Trainer, step: int, logs: Logs) -> None:
+        """Called after every optimizer step; `step` counts updates done (1 after the first).
+
+        `logs` maps metric names to this step's values, as device arrays. With
+        `steps_per_dispatch > 1` it is called for each step of a dispatch once the dispatch
+        returns; `trainer.state_is_current` is True only on the last one, the step whose state
+        the trainer holds.
+        """
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        """Called after each evaluation during `fit`, with `val_`-prefixed metrics."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        """Called after an epoch, with its averaged training metrics and any `val_` metrics."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Called once when `fit` ends cleanly (also on `stop_training` or preemption)."""
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        """Called when `fit` fails with `exc`; the exception propagates afterwards."""
+
+    def next_step(self, trainer: Trainer, step: int) -> int | None:
+        """The next step after `step` at which this callback needs the state exactly, if any.
+
+        With `steps_per_dispatch > 1`, a dispatch is shortened so that it ends on that step,
+        so saves and other actions land on exactly the step they ask for.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state stored in every checkpoint (best score, counters...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` returned, when a run resumes from a checkpoint."""
+
+
+def _overrides(callback: Callback, hook: str) -> bool:
+    return getattr(type(callback), hook) is not getattr(Callback, hook)
+
+
+class CallbackList:
+    """Calls hooks on each callback in list order; works out once who overrides what."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks must be nnxloop.Callback instances, got {type(cb).__name__}."
+                )
+        self.callbacks = list(callbacks)
+        self.step_end = [cb for cb in self.callbacks if _overrides(cb, "on_step_end")]
+        self.with_next_step = [cb for cb in self.callbacks if _overrides(cb, "next_step")]
+
+    def __iter__(self):
+        return iter(self.callbacks)
+
+    def call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def next_step(self, trainer: Trainer, step: int) -> int | None:
+        wanted = [cb.next_step(trainer, step) for cb in self.with_next_step]
+        wanted = [s for s in wanted if s is not None and s > step]
+        return min(wanted) if wanted else None
+
+
+class StepLogs(Mapping):
+    """The metrics of one step of a multi-step dispatch, sliced from the stacked arrays on read."""
+
+    __slots__ = ("_stacked", "_index")
+
+    def __init__(self, stacked: Mapping[str, jax.Array], index: int):
+        self._stacked = stacked
+        self._index = index
+
+    def __getitem__(self, key: str) -> jax.Array:
+        return self._stacked[key][self._index]
+
+    def __iter__(self):
+        return iter(self._stacked)
+
+    def __len__(self) -> int:
+        return len(self._stacked)

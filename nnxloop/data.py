@@ -1,0 +1,94 @@
+"""Batches: checking their shape, placing them on the mesh, stacking them for a dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def default_mesh() -> Mesh:
+    """All devices on one `data` axis (auto sharding, so user code needs no annotations)."""
+    devices = jax.devices()
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_axis_size(mesh: Mesh) -> int:
+    return mesh.shape.get(DATA_AXIS, 1)
+
+
+def batch_size(batch: Any, mesh: Mesh) -> int:
+    """The leading size shared by every leaf of `batch`, checked against the data axis.
+
+    Raises:
+        ValueError: the leaves disagree on their leading size, a leaf has no batch axis, or the
+            size does not divide by the number of devices on the mesh's `data` axis.
+    """
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("A batch has no arrays in it; each batch must be a pytree of arrays.")
+    shapes = [np.shape(leaf) for leaf in leaves]
+    size = shapes[0][0] if shapes[0] else None
+    if any(not shape or shape[0] != size for shape in shapes):
+        _raise_batch_mismatch(batch)
+    n = data_axis_size(mesh)
+    if size % n:
+        raise ValueError(
+            f"A batch of size {size} cannot be split over the {n} devices of the mesh's "
+            f"'{DATA_AXIS}' axis; use a batch size that divides by {n} (drop or pad the last "
+            "batch)."
+        )
+    return size
+
+
+def _raise_batch_mismatch(batch: Any) -> None:
+    sizes = {
+        jax.tree_util.keystr(path) or "<batch>": (np.shape(leaf) or ("no batch axis",))[0]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch)
+    }
+    listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    raise ValueError(
+        f"The leaves of a batch disagree on the batch size (axis 0): {listing}. Every leaf of a "
+        "batch must be an array with the same leading size."
+    )
+
+
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """Sharding of a batch leaf: axis 0 (axis 1 when stacked for a scan) along `data`."""
+    axis = DATA_AXIS if DATA_AXIS in mesh.shape else None
+    spec = PartitionSpec(None, axis) if stacked else PartitionSpec(axis)
+    return NamedSharding(mesh, spec)
+
+
+def put_batch(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
+    """Starts the host-to-device copy of `batch`; returns at once (the copy is asynchronous)."""
+    sharding = batch_sharding(mesh, stacked=stacked)
+    return jax.device_put(batch, sharding)
+
+
+def stack(batches: list[Any]) -> Any:
+    """Stacks a list of same-structured host batches on a new leading axis."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+
+
+def concat(outputs: list[Any]) -> Any:
+    """Concatenates per-batch outputs on axis 0, on the host."""
+    host = jax.device_get(outputs)
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *host)
+
+
+def skip(iterator: Iterator[Any], count: int) -> int:
+    """Advances `iterator` by up to `count` batches; returns how many it skipped."""
+    skipped = 0
+    for _ in range(count):
+        try:
+            next(iterator)
+        except StopIteration:
+            break
+        skipped += 1
+    return skipped

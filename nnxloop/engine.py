@@ -1,0 +1,238 @@
+"""The compiled step engine: pure, jitted functions of the flat training-state leaves.
+
+The model and optimizer are split once into a graph definition (static, one per train/eval mode)
+and a flat list of arrays. Every jitted call takes and returns flat lists, donates the state it
+replaces, and accumulates metrics on device, so the per-step host work is one dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Metrics = dict[str, jax.Array]
+
+
+def _as_metrics(out: Any, where: str) -> Metrics:
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"{where} must return a dict of metric name to scalar array, got {type(out).__name__}."
+        )
+    metrics = {}
+    for name, value in out.items():
+        value = jnp.asarray(value)
+        if value.shape != ():
+            raise ValueError(
+                f"{where} returned metric {name!r} with shape {value.shape}; metrics must be "
+                "scalars (reduce over the batch, e.g. with .mean())."
+            )
+        metrics[str(name)] = value.astype(jnp.float32)
+    return metrics
+
+
+class StepEngine:
+    """Owns the flat training state of one trainer and the compiled functions that advance it.
+
+    The state leaves are the source of truth while a `fit`, `evaluate` or `predict` call runs;
+    `sync_to_objects` writes them back into the model and optimizer objects.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        mesh: Mesh,
+        train_step: Callable[..., Any],
+        eval_step: Callable[..., Any],
+        predict_step: Callable[..., Any],
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self._train_step = train_step
+        self._eval_step = eval_step
+        self._predict_step = predict_step
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+
+        model.eval()
+        self._graphdef_eval, state = nnx.split((model, optimizer))
+        model.train()
+        self._graphdef_train, state = nnx.split((model, optimizer))
+        leaves, self._treedef = jax.tree.flatten(state)
+        self.paths = [
+            jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+        ]
+        self._state_shardings = self._shardings_for(state)
+        self.leaves: list[jax.Array] = []
+        self._train_fns: dict[bool, Any] = {}
+        self._eval_fn = jax.jit(self._eval_impl, donate_argnums=(1,))
+        self._predict_fn = jax.jit(self._predict_impl)
+        self.metric_names: tuple[str, ...] | None = None
+        self._eval_names: tuple[str, ...] | None = None
+        self.load_from_objects()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _shardings_for(self, state: nnx.State) -> list[NamedSharding]:
+        specs = nnx.get_partition_spec(state)
+        spec_leaves = jax.tree.leaves(
+            specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+        )
+        return [NamedSharding(self.mesh, spec or PartitionSpec()) for spec in spec_leaves]
+
+    def load_from_objects(self) -> None:
+        """Takes the current values of the model and optimizer objects as the training state."""
+        state = nnx.state((self.model, self.optimizer))
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self._treedef:
+            raise ValueError(
+                "The model or optimizer changed structure since the Trainer was built (a variable "
+                "was added or removed); build a new Trainer for the new structure."
+            )
+        # A copy, so donating the engine's buffers never invalidates arrays the user still holds.
+        self.leaves = [
+            jax.device_put(jnp.array(leaf, copy=True), sharding)
+            for leaf, sharding in zip(leaves, self._state_shardings)
+        ]
+
+    def set_leaves(self, leaves: list[jax.Array]) -> None:
+        """Replaces the training state (e.g. with restored arrays), placed on the state shardings."""
+        if len(leaves) != len(self.leaves):
+            raise ValueError(f"Expected {len(self.leaves)} state arrays, got {len(leaves)}.")
+        self.leaves = [
+            jax.device_put(leaf, sharding) for leaf, sharding in zip(leaves, self._state_shardings)
+        ]
+
+    def state(self) -> nnx.State:
+        """The training state as the `(model, optimizer)` state tree, sharing the engine's arrays."""
+        return jax.tree.unflatten(self._treedef, self.leaves)
+
+    def abstract_state(self) -> nnx.State:
+        """Shapes, dtypes and shardings of the training state, for restoring into."""
+        return jax.tree.unflatten(
+            self._treedef,
+            [
+                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+                for leaf, sharding in zip(self.leaves, self._state_shardings)
+            ],
+        )
+
+    def sync_to_objects(self) -> None:
+        """Writes the state leaves into the model and optimizer objects (copies, see above)."""
+        copies = [jnp.array(leaf, copy=True) for leaf in self.leaves]
+        nnx.update((self.model, self.optimizer), jax.tree.unflatten(self._treedef, copies))
+
+    # -- traced bodies --------------------------------------------------------------------
+
+    def _merge(self, graphdef, leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(self._treedef, leaves))
+
+    def _one_train_step(self, leaves, batch):
+        model, optimizer = self._merge(self._graphdef_train, leaves)
+        metrics = _as_metrics(self._train_step(model, optimizer, batch), "train_step")
+        new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+        if treedef != self._treedef:
+            raise ValueError(
+                "train_step changed the structure of the model or optimizer state; it may only "
+                "update the values of existing variables."
+            )
+        return new_leaves, metrics
+
+    def _accumulate(self, acc, metrics, weight):
+        sums, count = acc
+        sums = {k: sums[k] + metrics[k] * weight for k in sums}
+        return sums, count + weight
+
+    def _train_impl(self, leaves, acc, batch, stacked):
+        if not stacked:
+            leaves, metrics = self._one_train_step(leaves, batch)
+            return leaves, self._accumulate(acc, metrics, 1.0), metrics
+
+        def body(carry, one_batch):
+            leaves, acc = carry
+            leaves, metrics = self._one_train_step(leaves, one_batch)
+            return (leaves, self._accumulate(acc, metrics, 1.0)), metrics
+
+        (leaves, acc), metrics = jax.lax.scan(body, (leaves, acc), batch)
+        return leaves, acc, metrics
+
+    def _eval_impl(self, leaves, acc, batch):
+        model, _ = self._merge(self._graphdef_eval, leaves)
+        metrics = _as_metrics(self._eval_step(model, batch), "eval_step")
+        size = jax.tree.leaves(batch)[0].shape[0]
+        return self._accumulate(acc, metrics, float(size))
+
+    def _predict_impl(self, leaves, batch):
+        model, _ = self._merge(self._graphdef_eval, leaves)
+        return self._predict_step(model, batch)
+
+    # -- host API -------------------------------------------------------------------------
+
+    def _zeros(self, names) -> tuple[Metrics, jax.Array]:
+        zeros = {k: np.zeros((), np.float32) for k in names}
+        return jax.device_put((zeros, np.zeros((), np.float32)), self._replicated)
+
+    def _abstract_leaves(self):
+        return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self.leaves]
+
+    def zero_accumulator(self, batch: Any) -> tuple[Metrics, jax.Array]:
+        """A fresh on-device accumulator for the training metrics of batches like `batch`.
+
+        The first call traces one train step abstractly (no compile, no compute) to learn the
+        metric names.
+        """
+        if self.metric_names is None:
+            _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
+            self.metric_names = tuple(metrics)
+        return self._zeros(self.metric_names)
+
+    def _train_fn(self, stacked: bool):
+        fn = self._train_fns.get(stacked)
+        if fn is None:
+            fn = jax.jit(
+                lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
+                donate_argnums=(0, 1),
+                out_shardings=(self._state_shardings, self._replicated, self._replicated),
+            )
+            self._train_fns[stacked] = fn
+        return fn
+
+    def train(self, acc, batch, *, stacked: bool):
+        """Runs one step (or, `stacked`, one step per leading slice of `batch`) asynchronously.
+
+        Returns the new accumulator and the step metrics (stacked when `stacked`), on device.
+        """
+        self.leaves, acc, metrics = self._train_fn(stacked)(self.leaves, acc, batch)
+        return acc, metrics
+
+    def evaluate(self, batches) -> dict[str, float]:
+        """Averages `eval_step` metrics over all batches, weighting each by its size."""
+        acc = None
+        for batch in batches:
+            if acc is None:
+                names = self._eval_names
+                if names is None:
+                    model_out = jax.eval_shape(
+                        lambda leaves, b: _as_metrics(
+                            self._eval_step(self._merge(self._graphdef_eval, leaves)[0], b),
+                            "eval_step",
+                        ),
+                        self._abstract_leaves(),
+                        batch,
+                    )
+                    names = self._eval_names = tuple(model_out)
+                acc = self._zeros(names)
+            acc = self._eval_fn(self.leaves, acc, batch)
+        if acc is None:
+            raise ValueError("The evaluation data yielded no batches.")
+        sums, count = jax.device_get(acc)
+        return {k: float(v) / float(count) for k, v in sums.items()}
+
+    def predict(self, batch):
+        return self._predict_fn(self.leaves, batch)

@@ -1,0 +1,449 @@
+"""`Trainer`: drives the compiled steps and sends events to callbacks."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from nnxloop import data as data_lib
+from nnxloop.callbacks.base import Callback, CallbackList, StepLogs
+from nnxloop.engine import StepEngine
+from nnxloop.history import History
+from nnxloop.metrics import MetricTotals
+from nnxloop.preemption import PreemptionWatcher
+
+log = logging.getLogger("nnxloop")
+
+
+def split_loss(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Normalises a `loss_fn` result, `loss` or `(loss, metrics)`, to `(loss, metrics)`."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(
+                "loss_fn must return a scalar loss or a (loss, metrics_dict) pair; got a tuple "
+                f"of {len(out)} items."
+            )
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _overrides(obj: Any, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(Trainer, name)
+
+
+def _reseed(model: nnx.Module, seed: int) -> None:
+    tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+    base = jax.random.key(seed)
+    keys = {tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags}
+    if keys:
+        nnx.reseed(model, policy="match_shape", **keys)
+
+
+class Trainer:
+    """Trains a Flax NNX model with compiled steps and sends events to callbacks.
+
+    Args:
+        model: any `flax.nnx.Module` (BatchNorm statistics and `nnx.Rngs` included).
+        tx: any `optax.GradientTransformation`.
+        loss_fn: `loss_fn(model, batch) -> loss` or `-> (loss, metrics)`, traced under jit.
+            Required unless a subclass overrides `loss_fn` or `train_step`.
+        callbacks: `Callback` objects; their hooks are called in this order.
+        mesh: the device mesh. `None` puts every device on one `data` axis.
+        steps_per_dispatch: optimizer steps per jit call (`jax.lax.scan` over stacked batches).
+            Larger values cut per-step overhead on small models; every step is still seen by
+            callbacks and saves/evaluations still land on the steps they ask for.
+        log_every_steps: how often the progress bar reads the training metrics from the device.
+        progress: show a progress bar; `None` shows one when stderr is a terminal.
+        seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
+            arguments; `None` keeps the streams the model was built with.
+
+    Example:
+        ```python
+        trainer = nl.Trainer(model, optax.adamw(1e-3), loss_fn=loss_fn)
+        history = trainer.fit(train_batches, val_data=val_batches, epochs=3)
+        ```
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        *,
+        loss_fn: Any = None,
+        callbacks: Sequence[Callback] = (),
+        mesh: jax.sharding.Mesh | None = None,
+        steps_per_dispatch: int = 1,
+        log_every_steps: int = 50,
+        progress: bool | None = None,
+        seed: int | None = 0,
+    ):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
+        for name, value in (
+            ("steps_per_dispatch", steps_per_dispatch),
+            ("log_every_steps", log_every_steps),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+        if loss_fn is None and not (_overrides(self, "loss_fn") or _overrides(self, "train_step")):
+            raise ValueError(
+                "No loss: pass loss_fn=... (a function (model, batch) -> loss or (loss, metrics)) "
+                "or subclass Trainer and override loss_fn or train_step."
+            )
+        self._loss_fn = loss_fn
+        if seed is not None:
+            _reseed(model, seed)
+        self.mesh = mesh if mesh is not None else data_lib.default_mesh()
+        self.callbacks = CallbackList(callbacks)
+        self.steps_per_dispatch = steps_per_dispatch
+        self.log_every_steps = log_every_steps
+        self.progress = progress
+        self.tx = tx
+        self._model = model
+        self._optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self._engine = StepEngine(
+            model,
+            self._optimizer,
+            self.mesh,
+            train_step=self.train_step,
+            eval_step=self.eval_step,
+            predict_step=self.predict_step,
+        )
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.stop_training = False
+        self.preempted = False
+        self.state_is_current = True
+        self.examples_seen = 0
+        self.history = History()
+        self._running = False
+        self._acc = None
+        self._totals = MetricTotals()
+        self._iterator = None
+        self._pending_data_state = None
+        self._preemption = PreemptionWatcher()
+
+    # -- override points (traced under jit) -----------------------------------------------
+
+    def loss_fn(self, model: nnx.Module, batch: Any) -> Any:
+        """The loss of `model` on `batch`: `loss` or `(loss, metrics_dict)`. Traced under jit.
+
+        By default calls the `loss_fn` given to the constructor; override it in a subclass.
+        """
+        if self._loss_fn is None:
+            raise NotImplementedError(
+                "Trainer.loss_fn is not defined: pass loss_fn=... or override loss_fn."
+            )
+        return self._loss_fn(model, batch)
+
+    def train_step(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any) -> Any:
+        """One optimizer update in training mode; returns a dict of scalar metrics.
+
+        The default differentiates `loss_fn` with respect to the `nnx.Param` variables and
+        applies `optimizer.update(model, grads)`. Override it for full control (frozen layers,
+        an EMA of the weights, several optimizers); it is traced under jit, mutates `model` and
+        `optimizer` in place, and must not change their structure.
+        """
+
+        def loss(model):
+            value, metrics = split_loss(self.loss_fn(model, batch))
+            return value, metrics
+
+        (value, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return {"loss": value, **metrics}
+
+    def eval_step(self, model: nnx.Module, batch: Any) -> Any:
+        """Metrics of `model` (in eval mode) on one batch; by default `loss_fn`'s loss and metrics.
+
+        Traced under jit. Values are averaged over the evaluation data, weighted by batch size.
+        """
+        value, metrics = split_loss(self.loss_fn(model, batch))
+        return {"loss": value, **metrics}
+
+    def predict_step(self, model: nnx.Module, batch: Any) -> Any:
+        """The model's output on one batch (in eval mode). Traced under jit.
+
+        The default is `model(batch)` for an array batch and `model(batch[0])` for a tuple
+        `(inputs, targets)`; override it for any other batch structure.
+        """
+        if isinstance(batch, jax.Array):
+            return model(batch)
+        if isinstance(batch, tuple) and batch:
+            return model(batch[0])
+        raise TypeError(
+            f"The default predict_step takes an array batch or an (inputs, targets) tuple, got "
+            f"a {type(batch).__name__}; override Trainer.predict_step for this batch structure."
+        )
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model, holding the current values (synced from the device state when read)."""
+        if self._running:
+            self._engine.sync_to_objects()
+        return self._model
+
+    @property
+    def optimizer(self) -> nnx.Optimizer:
+        """The `nnx.Optimizer`, holding the current values (synced when read)."""
+        if self._running:
+            self._engine.sync_to_objects()
+        return self._optimizer
+
+    @property
+    def engine(self) -> StepEngine:
+        """The compiled step engine holding the flat training state (for checkpoint I/O)."""
+        return self._engine
+
+    def data_state(self) -> Any:
+        """The state of the current epoch's data iterator, if it has `get_state`, else None."""
+        get_state = getattr(self._iterator, "get_state", None)
+        return get_state() if callable(get_state) else None
+
+    def restore_progress(
+        self, *, step: int, epoch: int, position: int, data_state: Any = None
+    ) -> None:
+        """Sets where training stands (used when resuming from a checkpoint)."""
+        self.step, self.epoch, self.position = int(step), int(epoch), int(position)
+        self._pending_data_state = data_state
+
+    def metric_totals(self) -> MetricTotals:
+        """Host-side running sums of the training metrics, brought up to date (one device read).
+
+        Consumers keep a snapshot and difference two readings to average over any window.
+        """
+        if self._acc is not None:
+            sums, count = jax.device_get(self._acc)
+            if count:
+                self._totals.add(sums, count)
+                self._acc = self._engine.zero_accumulator(None)
+        return self._totals
+
+    # -- fit ------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train_data: Iterable[Any],
+        *,
+        val_data: Iterable[Any] | None = None,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        eval_every_steps: int | None = None,
+    ) -> History:
+        """Trains until `epochs` epochs or `max_steps` steps have been done since the start.
+
+        Both count from the start of training, so a second `fit` call, or a run resumed from a
+        checkpoint, stops where an uninterrupted run would.
+
+        Args:
+            train_data: a re-iterable of batches (pytrees with the batch on axis 0).
+            val_data: evaluation batches; evaluated at each epoch end, or every
+                `eval_every_steps` steps when that is given.
+            epochs: total epochs to train. Exactly one of `epochs` / `max_steps` is required.
+            max_steps: total optimizer steps to train.
+            eval_every_steps: evaluate every this many steps instead of at epoch ends.
+
+        Returns:
+            The `History` of this call.
+        """
+        if (epochs is None) == (max_steps is None):
+            raise ValueError(
+                "fit needs exactly one of epochs=... or max_steps=... (both count from the start "
+                f"of training); got epochs={epochs!r}, max_steps={max_steps!r}."
+            )
+        for name, value in (
+            ("epochs", epochs),
+            ("max_steps", max_steps),
+            ("eval_every_steps", eval_every_steps),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if eval_every_steps is not None and val_data is None:
+            raise ValueError("eval_every_steps was given without val_data to evaluate on.")
+        if epochs is not None and iter(train_data) is train_data:
+            raise TypeError(
+                "train_data is a one-shot iterator, but epochs need data that can be iterated "
+                "again each epoch: pass a list, a grain dataset or loader, or use max_steps."
+            )
+
+        self.history = History()
+        self.stop_training = False
+        self.preempted = False
+        self._engine.load_from_objects()
+        self._running = True
+        self._totals = MetricTotals()
+        self._acc = None
+        try:
+            with self._preemption.installed():
+                self.callbacks.call("on_train_begin", self)
+                self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
+                self.metric_totals()
+                self.callbacks.call("on_train_end", self)
+        except BaseException as exc:
+            self.callbacks.call("on_exception", self, exc)
+            raise
+        finally:
+            self._engine.sync_to_objects()
+            self._running = False
+            self._iterator = None
+        return self.history
+
+    def _done(self, epochs: int | None, max_steps: int | None) -> bool:
+        if self.stop_training:
+            return True
+        if epochs is not None:
+            return self.epoch >= epochs
+        return self.step >= max_steps
+
+    def _train_loop(self, train_data, val_data, epochs, max_steps, eval_every_steps) -> None:
+        while not self._done(epochs, max_steps):
+            epoch = self.epoch
+            self.callbacks.call("on_epoch_begin", self, epoch)
+            epoch_start = self.metric_totals().snapshot()
+            finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
+            if not finished:
+                break
+            self.epoch += 1
+            self.position = 0
+            logs = self.metric_totals().average_since(epoch_start)
+            if val_data is not None and eval_every_steps is None:
+                logs.update(self._evaluate_in_fit(val_data))
+            self.history.epochs.append({"epoch": epoch, **logs})
+            self.callbacks.call("on_epoch_end", self, epoch, logs)
+
+    def _open_epoch(self, train_data) -> Any:
+        iterator = iter(train_data)
+        state, self._pending_data_state = self._pending_data_state, None
+        if self.position:
+            set_state = getattr(iterator, "set_state", None)
+            if state is not None and callable(set_state):
+                set_state(state)
+            else:
+                skipped = data_lib.skip(iterator, self.position)
+                log.warning(
+                    "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
+                    "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
+                    self.position,
+                    self.epoch,
+                    skipped,
+                )
+        return iterator
+
+    def _chunk_end(self, max_steps, eval_every_steps) -> int:
+        step, k = self.step, self.steps_per_dispatch
+        end = step + k - step % k  # chunks align to multiples of K, whatever the start
+        if max_steps is not None:
+            end = min(end, max_steps)
+        if eval_every_steps is not None:
+            end = min(end, step + eval_every_steps - step % eval_every_steps)
+        wanted = self.callbacks.next_step(self, step)
+        if wanted is not None:
+            end = min(end, wanted)
+        return end
+
+    def _train_epoch(self, train_data, val_data, max_steps, eval_every_steps) -> bool:
+        """Trains until the data runs out (returns True) or training must stop (False)."""
+        self._iterator = iterator = self._open_epoch(train_data)
+        k = self.steps_per_dispatch
+        saw_batch = self.position > 0
+        while True:
+            if self.stop_training or (max_steps is not None and self.step >= max_steps):
+                return False
+            wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
+            batches = []
+            for _ in range(wanted):
+                try:
+                    batches.append(next(iterator))
+                except StopIteration:
+                    break
+            if not batches:
+                if not saw_batch:
+                    raise ValueError(
+                        "train_data yielded no batches for an epoch; check that it is not empty "
+                        "(and not an iterator that was already used up)."
+                    )
+                return True
+            saw_batch = True
+            sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
+            if self._acc is None:
+                self._acc = self._engine.zero_accumulator(batches[0])
+            if len(batches) == k and k > 1:
+                stacked = data_lib.put_batch(data_lib.stack(batches), self.mesh, stacked=True)
+                self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
+                self._after_steps(metrics, sizes, stacked=True)
+            else:
+                for batch, size in zip(batches, sizes):
+                    batch = data_lib.put_batch(batch, self.mesh)
+                    self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
+                    self._after_steps(metrics, [size], stacked=False)
+            if eval_every_steps is not None and self.step % eval_every_steps == 0:
+                self._evaluate_in_fit(val_data)
+            if self._preemption.requested:
+                self.preempted = self.history.preempted = True
+                self.stop_training = True
+                log.warning(
+                    "Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step
+                )
+
+    def _after_steps(self, metrics, sizes, *, stacked: bool) -> None:
+        n = len(sizes)
+        self.examples_seen += sum(sizes)
+        step_end = self.callbacks.step_end
+        for i in range(n):
+            self.step += 1
+            self.position += 1
+            self.state_is_current = i == n - 1
+            if step_end:
+                logs = StepLogs(metrics, i) if stacked else metrics
+                for cb in step_end:
+                    cb.on_step_end(self, self.step, logs)
+        self.state_is_current = True
+        if self.stop_training and not self.history.preempted:
+            self.history.stopped_early = True
+
+    def _evaluate_in_fit(self, val_data) -> dict[str, float]:
+        metrics = {f"val_{k}": v for k, v in self._engine.evaluate(self._batches(val_data)).items()}
+        self.history.evals.append({"step": self.step, **metrics})
+        self.callbacks.call("on_eval_end", self, self.step, metrics)
+        return metrics
+
+    # -- evaluate / predict ---------------------------------------------------------------
+
+    def _batches(self, data: Iterable[Any]):
+        for batch in data:
+            data_lib.batch_size(batch, self.mesh)
+            yield data_lib.put_batch(batch, self.mesh)
+
+    def evaluate(self, data: Iterable[Any]) -> dict[str, float]:
+        """Averages `eval_step` metrics over `data` (weighted by batch size), in eval mode.
+
+        Returns plain metric names (`loss`, `accuracy`); inside `fit` the same values are
+        reported with a `val_` prefix.
+        """
+        if not self._running:
+            self._engine.load_from_objects()
+        return self._engine.evaluate(self._batches(data))
+
+    def predict(self, data: Iterable[Any]) -> Any:
+        """Runs `predict_step` on every batch of `data`; outputs concatenated on axis 0 (NumPy)."""
+        if not self._running:
+            self._engine.load_from_objects()
+        outputs = [self._engine.predict(batch) for batch in self._batches(data)]
+        if not outputs:
+            raise ValueError("predict got no batches.")
+        return data_lib.concat(outputs)
