@@ -102,7 +102,7 @@ class StepEngine:
         ]
 
     def set_leaves(self, leaves: list[jax.Array]) -> None:
-        """Replaces the training state (e.g. with restored arrays), placed on the state shardings."""
+        """Replaces the training state (e.g. restored arrays), placed on the state shardings."""
         if len(leaves) != len(self.leaves):
             raise ValueError(f"Expected {len(self.leaves)} state arrays, got {len(leaves)}.")
         self.leaves = [
@@ -110,7 +110,7 @@ class StepEngine:
         ]
 
     def state(self) -> nnx.State:
-        """The training state as the `(model, optimizer)` state tree, sharing the engine's arrays."""
+        """The training state as the `(model, optimizer)` state tree (the engine's own arrays)."""
         return jax.tree.unflatten(self._treedef, self.leaves)
 
     def abstract_state(self) -> nnx.State:

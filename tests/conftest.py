@@ -1,0 +1,58 @@
+"""Shared fixtures. Four fake CPU devices, so every test also exercises batch sharding."""
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+
+class TinyNet(nnx.Module):
+    """Linear -> BatchNorm -> relu -> Dropout -> Linear: every kind of state a model holds."""
+
+    def __init__(self, rngs: nnx.Rngs, din: int = 6, hidden: int = 16, dout: int = 3):
+        self.l1 = nnx.Linear(din, hidden, rngs=rngs)
+        self.bn = nnx.BatchNorm(hidden, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, dout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    return TinyNet(nnx.Rngs(seed))
+
+
+def loss_fn(model, batch):
+    logits = model(batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+
+
+def make_batches(n_batches: int = 12, batch: int = 16, seed: int = 0, din: int = 6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_batches * batch, din)).astype(np.float32)
+    y = ((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5)).astype(np.int32)
+    return [{"x": x[i : i + batch], "y": y[i : i + batch]} for i in range(0, len(x), batch)]
+
+
+@pytest.fixture
+def batches():
+    return make_batches()
+
+
+@pytest.fixture
+def val_batches():
+    return make_batches(n_batches=3, seed=1)
+
+
+def tx():
+    return optax.adam(1e-2)
+
+
+def leaves_of(model):
+    return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
