@@ -66,8 +66,20 @@ def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
 
 
 def put_batch(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
-    """Starts the host-to-device copy of `batch`; returns at once (the copy is asynchronous)."""
-    sharding = batch_sharding(mesh, stacked=stacked)
+    """Places `batch` on the mesh, sharded along `data` (asynchronous)."""
+    return jax.device_put(batch, batch_sharding(mesh, stacked=stacked))
+
+
+def as_host_or_placed(batch: Any, mesh: Mesh) -> Any:
+    """`batch` ready for a jitted call whose batch input is sharded along `data`.
+
+    NumPy leaves pass through (the call shards them as it copies them in, cheaper than a
+    separate transfer); device arrays placed differently are moved to the batch sharding.
+    """
+    sharding = batch_sharding(mesh)
+    leaves = jax.tree.leaves(batch)
+    if all(not isinstance(x, jax.Array) or x.sharding == sharding for x in leaves):
+        return batch
     return jax.device_put(batch, sharding)
 
 

@@ -129,9 +129,11 @@ class Trainer:
         self.history = History()
         self._running = False
         self._acc = None
+        self._acc_dirty = False
         self._totals = MetricTotals()
         self._iterator = None
         self._pending_data_state = None
+        self._resumed = False
         self._preemption = PreemptionWatcher()
 
     # -- override points (traced under jit) -----------------------------------------------
@@ -219,17 +221,18 @@ class Trainer:
         """Sets where training stands (used when resuming from a checkpoint)."""
         self.step, self.epoch, self.position = int(step), int(epoch), int(position)
         self._pending_data_state = data_state
+        self._resumed = True
 
     def metric_totals(self) -> MetricTotals:
         """Host-side running sums of the training metrics, brought up to date (one device read).
 
         Consumers keep a snapshot and difference two readings to average over any window.
         """
-        if self._acc is not None:
+        if self._acc is not None and self._acc_dirty:
             sums, count = jax.device_get(self._acc)
-            if count:
-                self._totals.add(sums, count)
-                self._acc = self._engine.zero_accumulator(None)
+            self._totals.add(sums, count)
+            self._acc = self._engine.zero_accumulator(None)
+            self._acc_dirty = False
         return self._totals
 
     # -- fit ------------------------------------------------------------------------------
@@ -329,13 +332,15 @@ class Trainer:
     def _open_epoch(self, train_data) -> Any:
         iterator = iter(train_data)
         state, self._pending_data_state = self._pending_data_state, None
+        self._resumed, resumed = False, self._resumed
         if self.position:
             set_state = getattr(iterator, "set_state", None)
             if state is not None and callable(set_state):
                 set_state(state)
             else:
                 skipped = data_lib.skip(iterator, self.position)
-                log.warning(
+                # Worth a warning after a restore; a second fit call mid-epoch is routine.
+                (log.warning if resumed else log.info)(
                     "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
                     "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
                     self.position,
@@ -383,12 +388,12 @@ class Trainer:
             if self._acc is None:
                 self._acc = self._engine.zero_accumulator(batches[0])
             if len(batches) == k and k > 1:
-                stacked = data_lib.put_batch(data_lib.stack(batches), self.mesh, stacked=True)
+                stacked = data_lib.stack(batches)
                 self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
                 self._after_steps(metrics, sizes, stacked=True)
             else:
                 for batch, size in zip(batches, sizes):
-                    batch = data_lib.put_batch(batch, self.mesh)
+                    batch = data_lib.as_host_or_placed(batch, self.mesh)
                     self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
                     self._after_steps(metrics, [size], stacked=False)
             if eval_every_steps is not None and self.step % eval_every_steps == 0:
@@ -402,6 +407,7 @@ class Trainer:
 
     def _after_steps(self, metrics, sizes, *, stacked: bool) -> None:
         n = len(sizes)
+        self._acc_dirty = True
         self.examples_seen += sum(sizes)
         step_end = self.callbacks.step_end
         for i in range(n):
@@ -427,7 +433,7 @@ class Trainer:
     def _batches(self, data: Iterable[Any]):
         for batch in data:
             data_lib.batch_size(batch, self.mesh)
-            yield data_lib.put_batch(batch, self.mesh)
+            yield data_lib.as_host_or_placed(batch, self.mesh)
 
     def evaluate(self, data: Iterable[Any]) -> dict[str, float]:
         """Averages `eval_step` metrics over `data` (weighted by batch size), in eval mode.

@@ -137,7 +137,8 @@ def test_callbacks_must_be_callbacks():
 
 def test_eval_every_steps_lands_on_requested_steps():
     trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=4)
-    history = trainer.fit(make_batches(), val_data=make_batches(1), max_steps=20,
-                          eval_every_steps=6)
+    history = trainer.fit(
+        make_batches(), val_data=make_batches(1), max_steps=20, eval_every_steps=6
+    )
     assert [e["step"] for e in history.evals] == [6, 12, 18]
     assert np.isfinite(history["val_loss"]).all()

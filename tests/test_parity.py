@@ -59,12 +59,15 @@ class Record(nl.Callback):
 def run(k, callbacks=()):
     rec = Record()
     trainer = nl.Trainer(
-        make_model(), optax.sgd(optax.cosine_decay_schedule(0.05, 40), momentum=0.9),
+        make_model(),
+        optax.sgd(optax.cosine_decay_schedule(0.05, 40), momentum=0.9),
         loss_fn=loss_fn,
-        steps_per_dispatch=k, callbacks=[rec, *callbacks],
+        steps_per_dispatch=k,
+        callbacks=[rec, *callbacks],
     )
-    trainer.fit(make_batches(n_batches=12), val_data=make_batches(2, seed=3), epochs=3,
-                eval_every_steps=16)
+    trainer.fit(
+        make_batches(n_batches=12), val_data=make_batches(2, seed=3), epochs=3, eval_every_steps=16
+    )
     return trainer, rec
 
 

@@ -1,0 +1,27 @@
+"""Every Python code block in the README and the docs pages runs."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks():
+    for page in PAGES:
+        text = page.read_text()
+        # A page's blocks run in order in one namespace, as a reader would paste them.
+        code = [m.group(1) for m in BLOCK.finditer(text)]
+        if code and "<!-- no-test -->" not in text:
+            yield pytest.param(page, code, id=str(page.relative_to(ROOT)))
+
+
+@pytest.mark.parametrize(("page", "code"), list(blocks()))
+def test_page_code_runs(page, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for i, block in enumerate(code):
+        exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
