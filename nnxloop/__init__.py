@@ -2,8 +2,16 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from nnxloop.callbacks import Callback
+from nnxloop.callbacks import (
+    AsyncSaveCallback,
+    BestModelCallback,
+    Callback,
+    CheckpointCallback,
+    MonitorCallback,
+)
+from nnxloop.checkpointing import CheckpointError
 from nnxloop.history import History
+from nnxloop.load import load_model
 from nnxloop.trainer import Trainer
 
 try:
@@ -12,8 +20,14 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AsyncSaveCallback",
+    "BestModelCallback",
     "Callback",
+    "CheckpointCallback",
+    "CheckpointError",
     "History",
+    "MonitorCallback",
     "Trainer",
     "__version__",
+    "load_model",
 ]

@@ -13,6 +13,7 @@ from flax import nnx
 
 from nnxloop import data as data_lib
 from nnxloop.callbacks.base import Callback, CallbackList, StepLogs
+from nnxloop.checkpointing import SaveCoordinator
 from nnxloop.engine import StepEngine
 from nnxloop.history import History
 from nnxloop.metrics import MetricTotals
@@ -135,6 +136,9 @@ class Trainer:
         self._pending_data_state = None
         self._resumed = False
         self._preemption = PreemptionWatcher()
+        self.save_coordinator = SaveCoordinator()
+        self.fit_epochs: int | None = None
+        self.fit_max_steps: int | None = None
 
     # -- override points (traced under jit) -----------------------------------------------
 
@@ -287,6 +291,8 @@ class Trainer:
         self.history = History()
         self.stop_training = False
         self.preempted = False
+        self.fit_epochs, self.fit_max_steps = epochs, max_steps
+        self.save_coordinator.reset()
         self._engine.load_from_objects()
         self._running = True
         self._totals = MetricTotals()
@@ -298,13 +304,27 @@ class Trainer:
                 self.metric_totals()
                 self.callbacks.call("on_train_end", self)
         except BaseException as exc:
-            self.callbacks.call("on_exception", self, exc)
+            try:
+                self.callbacks.call("on_exception", self, exc)
+            finally:
+                self._finish_saves(failing=True)
             raise
+        else:
+            self._finish_saves(failing=False)
         finally:
             self._engine.sync_to_objects()
             self._running = False
             self._iterator = None
         return self.history
+
+    def _finish_saves(self, *, failing: bool) -> None:
+        """`fit` returns only once every background save has finished."""
+        try:
+            self.save_coordinator.wait_all()
+        except Exception:
+            if not failing:
+                raise
+            log.exception("A background checkpoint save failed while fit was failing:")
 
     def _done(self, epochs: int | None, max_steps: int | None) -> bool:
         if self.stop_training:

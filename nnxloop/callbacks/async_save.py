@@ -1,0 +1,41 @@
+"""`AsyncSaveCallback`: every checkpoint save of the trainer is written in the background."""
+
+from __future__ import annotations
+
+from nnxloop.callbacks.base import Callback
+
+
+class AsyncSaveCallback(Callback):
+    """Makes every checkpoint save of the trainer return once the device-to-host copy is done.
+
+    The files are written by orbax in the background, and committed atomically, so a kill
+    during the write leaves the previous checkpoints intact. A new save waits for the oldest
+    pending one when `max_in_flight` are pending. `fit` returns only when every save has
+    finished, also when it ends with an exception or KeyboardInterrupt. A background failure is
+    raised in the training thread at the next event, naming the step.
+
+    Args:
+        max_in_flight: how many saves may be written in the background at once.
+
+    Example:
+        ```python
+        callbacks = [nl.CheckpointCallback("ckpt", every_steps=100), nl.AsyncSaveCallback()]
+        ```
+    """
+
+    def __init__(self, *, max_in_flight: int = 1):
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
+        self.max_in_flight = max_in_flight
+
+    def on_train_begin(self, trainer) -> None:
+        trainer.save_coordinator.enable_async(self.max_in_flight)
+
+    def on_step_end(self, trainer, step, logs) -> None:
+        trainer.save_coordinator.poll()
+
+    def on_eval_end(self, trainer, step, metrics) -> None:
+        trainer.save_coordinator.poll()
+
+    def on_train_end(self, trainer) -> None:
+        trainer.save_coordinator.wait_all()

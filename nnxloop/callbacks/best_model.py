@@ -1,0 +1,111 @@
+"""`BestModelCallback`: keeps the best checkpoints by a monitored metric."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+
+from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.checkpointing import CheckpointStore, check_directory
+
+log = logging.getLogger("nnxloop")
+
+
+class BestModelCallback(MonitorCallback):
+    """Keeps the `max_to_keep` best checkpoints by `monitor`, in their own directory.
+
+    A checkpoint is written only when an evaluation ranks among the best kept so far, and a
+    newer, worse one never evicts a better one. NaN or infinite values are never best. The best
+    score and the kept steps survive a resume (they are part of every periodic checkpoint).
+
+    Args:
+        directory: where the best checkpoints go; load one with
+            `nl.load_model(directory, like, step="best")`.
+        monitor: the evaluation metric to rank by, e.g. `"val_loss"` or `"val_accuracy"`.
+        mode: `"min"` if lower is better, `"max"` if higher is better.
+        max_to_keep: how many of the best checkpoints to keep.
+        restore_on_train_end: load the best weights into `trainer.model` when `fit` ends.
+
+    Example:
+        ```python
+        best = nl.BestModelCallback("runs/exp/best", monitor="val_accuracy", mode="max")
+        ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        max_to_keep: int = 1,
+        restore_on_train_end: bool = False,
+    ):
+        super().__init__(monitor=monitor, mode=mode)
+        if not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}.")
+        self.max_to_keep = max_to_keep
+        self.restore_on_train_end = restore_on_train_end
+        self.store = CheckpointStore(
+            os.fspath(directory), max_to_keep=max_to_keep, best_metric=monitor, best_mode=mode
+        )
+        self.kept: list[tuple[int, float]] = []  # (step, value), best first
+
+    @property
+    def directory(self) -> str:
+        return self.store.directory
+
+    @property
+    def best_step(self) -> int | None:
+        return self.kept[0][0] if self.kept else None
+
+    def on_train_begin(self, trainer) -> None:
+        check_directory(self.store.directory, what="Best-model directory")
+
+    def _ranks(self, value: float) -> bool:
+        if len(self.kept) < self.max_to_keep:
+            return self.is_better(value, None)
+        return self.is_better(value, self.kept[-1][1])
+
+    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        value = self.monitored_value(metrics)
+        if not self._ranks(value) or any(s == step for s, _ in self.kept):
+            return
+        # A resumed run re-evaluates steps whose checkpoint the killed run already wrote; the
+        # state is bitwise the same, so the one on disk stands.
+        exists = step in self.store.steps()
+        if not exists and not trainer.save_coordinator.save(
+            trainer,
+            self.store,
+            metrics={self.monitor: value},
+            extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
+        ):
+            return
+        self.kept.append((step, value))
+        self.kept.sort(key=lambda sv: sv[1], reverse=self.mode == "max")
+        del self.kept[self.max_to_keep :]
+        self.best = self.kept[0][1]
+
+    def on_train_end(self, trainer) -> None:
+        if not (self.restore_on_train_end and self.kept):
+            return
+        trainer.save_coordinator.wait_all()
+        engine = trainer.engine
+        abstract = engine.abstract_state()
+        model_state, _ = self.store.restore(self.best_step, abstract[0])
+        n_model = len(jax.tree.leaves(abstract[0]))
+        engine.set_leaves(jax.tree.leaves(model_state) + engine.leaves[n_model:])
+        log.info(
+            "Restored the best weights (step %d, %s=%g).", self.best_step, self.monitor, self.best
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "kept": [[s, v] for s, v in self.kept]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.kept = [(int(s), float(v)) for s, v in state.get("kept", []) if math.isfinite(v)]

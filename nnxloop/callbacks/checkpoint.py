@@ -1,0 +1,102 @@
+"""`CheckpointCallback`: periodic checkpoints of the whole training state, and resuming."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.checkpointing import CheckpointStore, check_directory, restore_training
+from nnxloop.triggers import Trigger
+
+log = logging.getLogger("nnxloop")
+
+DEFAULT_EVERY_STEPS = 1000
+
+
+class CheckpointCallback(Callback):
+    """Saves the whole training state periodically and resumes from the newest checkpoint.
+
+    A checkpoint holds the model state (parameters, batch statistics, RNG state), the optimizer
+    state, the step, epoch and position in the epoch, every callback's `state_dict` and the
+    data iterator's state, so a resumed run ends with the same parameters, bit for bit, as one
+    never stopped. Saves also happen when `fit` ends (finished, stopped or preempted).
+
+    Args:
+        directory: where checkpoints go (one orbax step directory each).
+        every_steps: save every this many steps (exactly on the step, whatever
+            `steps_per_dispatch` is).
+        every_epochs: save at the end of every this many epochs.
+        every_secs: save at the first step boundary after this many seconds since the last save.
+        max_to_keep: how many of the newest checkpoints to keep.
+        keep_every_steps: also keep, forever, the checkpoints whose step is a multiple of this.
+        resume: restore the newest complete checkpoint in `directory` when `fit` starts.
+
+    With no trigger given, saves at each epoch end, or every 1000 steps when `fit` is given
+    `max_steps` instead of `epochs`.
+
+    Example:
+        ```python
+        trainer = nl.Trainer(model, tx, loss_fn=loss_fn, callbacks=[
+            nl.CheckpointCallback("runs/exp/ckpt", every_steps=500, max_to_keep=3),
+        ])
+        trainer.fit(train, epochs=10)  # rerun after a crash: resumes where it stopped
+        ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every_steps: int | None = None,
+        every_epochs: int | None = None,
+        every_secs: float | None = None,
+        max_to_keep: int | None = 3,
+        keep_every_steps: int | None = None,
+        resume: bool = True,
+    ):
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
+        self.trigger = Trigger(every_steps, every_epochs, every_secs)
+        self._default_trigger = every_steps is None and every_epochs is None and every_secs is None
+        self.store = CheckpointStore(
+            os.fspath(directory), max_to_keep=max_to_keep, keep_every_steps=keep_every_steps
+        )
+        self.resume = resume
+        self.restored_step: int | None = None
+
+    @property
+    def directory(self) -> str:
+        return self.store.directory
+
+    def on_train_begin(self, trainer) -> None:
+        check_directory(self.store.directory, what="Checkpoint directory")
+        if self._default_trigger:
+            by_steps = trainer.fit_epochs is None
+            self.trigger = Trigger(
+                every_steps=DEFAULT_EVERY_STEPS if by_steps else None,
+                every_epochs=None if by_steps else 1,
+            )
+        self.trigger.fired()
+        if self.resume:
+            self.restored_step = restore_training(trainer, self.store)
+            if self.restored_step is not None:
+                log.info("Resumed from step %d in %s.", self.restored_step, self.store.directory)
+
+    def next_step(self, trainer, step: int) -> int | None:
+        return self.trigger.next_step(step)
+
+    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+        if trainer.state_is_current and self.trigger.step_due(step, at_boundary=True):
+            self._save(trainer)
+
+    def on_epoch_end(self, trainer, epoch: int, logs) -> None:
+        if self.trigger.epoch_due(trainer.epoch):
+            self._save(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        trainer.save_coordinator.save(trainer, self.store)
+        self.trigger.fired()

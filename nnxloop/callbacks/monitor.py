@@ -1,0 +1,56 @@
+"""`MonitorCallback`: the monitor / mode / min_delta / best logic shared by callbacks that
+track one metric (best-model checkpoints, early stopping)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from nnxloop.callbacks.base import Callback
+
+
+class MonitorCallback(Callback):
+    """Base class for callbacks that watch one evaluation metric.
+
+    Args:
+        monitor: the metric to watch, as reported to `on_eval_end` (e.g. `"val_loss"`).
+        mode: `"min"` when lower is better, `"max"` when higher is better.
+        min_delta: how much better than the best a value must be to count as an improvement.
+
+    Non-finite values (NaN, inf) never count as an improvement.
+    """
+
+    def __init__(self, *, monitor: str, mode: str, min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}.")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be a metric name, got {monitor!r}.")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}.")
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.best: float | None = None
+
+    def monitored_value(self, metrics: Mapping[str, float]) -> float:
+        """The monitored metric's value in `metrics`.
+
+        Raises:
+            KeyError: the metric is not there; the message lists the metrics that are.
+        """
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"{type(self).__name__} monitors {self.monitor!r}, but the evaluation reported "
+                f"only {sorted(metrics)}; set monitor= to one of those."
+            )
+        return float(metrics[self.monitor])
+
+    def is_better(self, value: float, reference: float | None) -> bool:
+        """Whether `value` improves on `reference` by more than `min_delta`."""
+        if not math.isfinite(value):
+            return False
+        if reference is None:
+            return True
+        if self.mode == "min":
+            return value < reference - self.min_delta
+        return value > reference + self.min_delta

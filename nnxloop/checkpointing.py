@@ -1,0 +1,412 @@
+"""Checkpoint I/O: the one module that talks to orbax.
+
+A checkpoint is a plain orbax `CheckpointManager` step directory with three items:
+
+- `model`: the full `nnx.state(model)` (parameters, batch statistics, RNG state), readable with
+  plain orbax and `nnx.update`, no nnxloop needed;
+- `optimizer`: the `nnx.Optimizer` state (step count and optax state);
+- `meta`: JSON with the step, epoch, position in the epoch, data-iterator state, every
+  callback's `state_dict`, a fingerprint of the state's structure and the model's array shapes.
+
+Retention, atomic commits and background writing are orbax's; this module only decides which
+orbax options a directory gets and turns orbax's failures into errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+if TYPE_CHECKING:
+    from nnxloop.trainer import Trainer
+
+log = logging.getLogger("nnxloop")
+
+MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and why."""
+
+
+def check_directory(directory: str, *, what: str) -> str:
+    """Creates `directory` if needed and checks that files can be written in it.
+
+    Raises:
+        CheckpointError: the path is a file, or the directory cannot be created or written.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a file, not a directory; pass a directory path.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".nnxloop-write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{what} {path} cannot be written ({exc.strerror or exc}); pass a writable directory."
+        ) from exc
+    return path
+
+
+def path_shapes(tree: Any) -> dict[str, tuple[list[int], str]]:
+    """`{leaf path: (shape, dtype)}` of a state tree, the form stored in `meta`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[jax.tree_util.keystr(path)] = (list(np.shape(leaf)), str(leaf.dtype))
+    return out
+
+
+def _fingerprint(shapes: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compare_shapes(saved: dict[str, Any], target: dict[str, Any], *, where: str) -> None:
+    """Raises a `CheckpointError` naming the first leaf whose path or shape differs."""
+    for path, (shape, _dtype) in target.items():
+        if path not in saved:
+            raise CheckpointError(
+                f"{where} has no array for {path} (target shape {tuple(shape)}); the checkpoint "
+                "was written by a model with a different structure."
+            )
+        saved_shape, _ = saved[path]
+        if list(saved_shape) != list(shape):
+            raise CheckpointError(
+                f"{where}: leaf {path} has shape {tuple(saved_shape)} in the checkpoint but "
+                f"{tuple(shape)} in the target model; build the model with the same sizes."
+            )
+    extra = sorted(set(saved) - set(target))
+    if extra:
+        raise CheckpointError(
+            f"{where} holds arrays the target model lacks, e.g. {extra[0]}; the checkpoint was "
+            "written by a model with a different structure."
+        )
+
+
+def _finite_key(metric: str, mode: str) -> Callable[[dict[str, float]], float]:
+    worst = math.inf if mode == "min" else -math.inf
+
+    def key(metrics: dict[str, float]) -> float:
+        value = float(metrics.get(metric, worst))
+        return value if math.isfinite(value) else worst  # NaN never ranks as best
+
+    return key
+
+
+class CheckpointStore:
+    """One checkpoint directory, through an orbax `CheckpointManager`.
+
+    Args:
+        directory: where the step directories live.
+        max_to_keep: newest checkpoints to keep (or, with `best_metric`, best ones to keep).
+        keep_every_steps: also keep every checkpoint whose step is a multiple of this.
+        best_metric: rank by this metric (passed to `save`) instead of by recency.
+        best_mode: `"min"` or `"max"`, how `best_metric` ranks.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int | None = None,
+        keep_every_steps: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep = max_to_keep
+        self.keep_every_steps = keep_every_steps
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._manager: ocp.CheckpointManager | None = None
+        self._manager_async: bool | None = None
+
+    def _options(self, async_: bool) -> ocp.CheckpointManagerOptions:
+        kwargs: dict[str, Any] = dict(
+            max_to_keep=self.max_to_keep,
+            keep_period=self.keep_every_steps,
+            enable_async_checkpointing=async_,
+            create=True,
+        )
+        if self.best_metric is not None:
+            # best_fn also makes orbax persist the metrics, so ranking survives a restart.
+            kwargs.update(
+                best_fn=_finite_key(self.best_metric, self.best_mode),
+                best_mode=self.best_mode,
+                keep_checkpoints_without_metrics=False,
+            )
+        return ocp.CheckpointManagerOptions(**kwargs)
+
+    def manager(self, *, async_: bool = False) -> ocp.CheckpointManager:
+        if self._manager is None or self._manager_async != async_:
+            self.close()
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options(async_))
+            self._manager_async = async_
+        return self._manager
+
+    def steps(self) -> list[int]:
+        """Committed steps in the directory, oldest first (incomplete saves are not listed)."""
+        if not os.path.isdir(self.directory):
+            return []
+        manager = self.manager(async_=bool(self._manager_async))
+        manager.reload()
+        return sorted(manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: nnx.State,
+        meta: dict[str, Any],
+        *,
+        metrics: dict[str, float] | None = None,
+        async_: bool = False,
+    ) -> bool:
+        """Saves the `(model, optimizer)` state tree at `step`; False if that step exists."""
+        manager = self.manager(async_=async_)
+        if step in manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            **{
+                MODEL: ocp.args.StandardSave(state[0]),
+                OPTIMIZER: ocp.args.StandardSave(state[1]),
+                META: ocp.args.JsonSave(meta),
+            }
+        )
+        return bool(manager.save(step, args=args, metrics=metrics, force=True))
+
+    def is_saving(self) -> bool:
+        return self._manager is not None and self._manager.is_saving_in_progress()
+
+    def wait(self) -> None:
+        """Blocks until background saves are done; re-raises a background failure."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.close()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self.manager(async_=bool(self._manager_async)).restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+        )
+        return dict(restored[META])
+
+    def restore(
+        self, step: int, abstract_model: Any, abstract_optimizer: Any = None
+    ) -> tuple[Any, Any]:
+        """Restores the model (and, when given a target for it, optimizer) state of `step`
+        into the shapes and shardings of the abstract targets."""
+        manager = self.manager(async_=bool(self._manager_async))
+        args = {MODEL: ocp.args.StandardRestore(abstract_model)}
+        if abstract_optimizer is not None:
+            args[OPTIMIZER] = ocp.args.StandardRestore(abstract_optimizer)
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
+        return restored[MODEL], optimizer
+
+    def quarantine(self, step: int) -> str:
+        """Renames an unreadable step aside (orbax then ignores it); nothing is deleted."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable-{int(time.time())}"
+        os.rename(src, dst)
+        self.manager(async_=bool(self._manager_async)).reload()
+        return dst
+
+
+def all_finite(leaves: list[jax.Array]) -> bool:
+    """True when every floating-point leaf is finite (one small device reduction)."""
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return True
+    return bool(_all_finite(floats))
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+# -- what a training checkpoint holds -----------------------------------------------------
+
+
+def _callback_key(index: int, callback: Any) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
+def training_meta(trainer: Trainer) -> dict[str, Any]:
+    """The JSON item of a training checkpoint for the trainer's current state."""
+    engine = trainer.engine
+    shapes = path_shapes(engine.state()[0])
+    data_state = trainer.data_state()
+    try:
+        json.dumps(data_state)
+    except TypeError:
+        log.warning("The data iterator's state is not JSON-serialisable; it is not checkpointed.")
+        data_state = None
+    return {
+        "step": trainer.step,
+        "epoch": trainer.epoch,
+        "position": trainer.position,
+        "data_state": data_state,
+        "callbacks": {
+            _callback_key(i, cb): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
+        },
+        "fingerprint": _fingerprint(path_shapes(engine.state())),
+        "model_shapes": shapes,
+        "device_count": jax.device_count(),
+        "steps_per_dispatch": trainer.steps_per_dispatch,
+        "time": time.time(),
+        "nnxloop_version": _version(),
+    }
+
+
+def _version() -> str:
+    from nnxloop import __version__
+
+    return __version__
+
+
+def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
+    """Restores the newest readable checkpoint of `store` into `trainer`; returns its step.
+
+    A checkpoint that fails to read is renamed aside with a warning naming its step, and the
+    next older one is tried, so a damaged newest checkpoint never blocks a restart.
+    """
+    engine = trainer.engine
+    abstract = engine.abstract_state()
+    model_shapes = path_shapes(abstract[0])
+    fingerprint = _fingerprint(path_shapes(abstract))
+    for step in reversed(store.steps()):
+        try:
+            meta = store.read_meta(step)
+            if meta.get("fingerprint") != fingerprint:
+                where = f"The checkpoint at step {step} in {store.directory}"
+                compare_shapes(meta.get("model_shapes", {}), model_shapes, where=where)
+                raise CheckpointError(
+                    f"{where} holds an optimizer state of another structure; resume with the "
+                    "optimizer it was written with, or start in a new directory."
+                )
+            model_state, opt_state = store.restore(step, abstract[0], abstract[1])
+        except CheckpointError:
+            raise
+        except Exception as exc:  # orbax raises many types for damaged files
+            moved = store.quarantine(step)
+            log.warning(
+                "Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
+                "the previous one.",
+                step,
+                store.directory,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                moved,
+            )
+            continue
+        engine.set_leaves(jax.tree.leaves(model_state) + jax.tree.leaves(opt_state))
+        trainer.restore_progress(
+            step=meta["step"],
+            epoch=meta["epoch"],
+            position=meta["position"],
+            data_state=meta.get("data_state"),
+        )
+        states = meta.get("callbacks", {})
+        for i, cb in enumerate(trainer.callbacks):
+            key = _callback_key(i, cb)
+            if key in states:
+                cb.load_state_dict(states[key])
+        return step
+    return None
+
+
+class SaveCoordinator:
+    """Every checkpoint save of one trainer goes through here.
+
+    It refuses to write a state with non-finite values, and, once `AsyncSaveCallback` turns
+    asynchronous saving on, bounds the saves in flight and re-raises a background failure in
+    the training thread, naming the step.
+    """
+
+    def __init__(self) -> None:
+        self.async_enabled = False
+        self.max_in_flight = 1
+        self._pending: collections.deque[tuple[CheckpointStore, int]] = collections.deque()
+
+    def reset(self) -> None:
+        self.async_enabled = False
+        self.max_in_flight = 1
+
+    def enable_async(self, max_in_flight: int) -> None:
+        self.async_enabled = True
+        self.max_in_flight = max_in_flight
+
+    def save(
+        self,
+        trainer: Trainer,
+        store: CheckpointStore,
+        *,
+        metrics: dict[str, float] | None = None,
+        extra_meta: dict[str, Any] | None = None,
+    ) -> bool:
+        """Saves the trainer's current state to `store`; False if skipped (exists, non-finite)."""
+        self.poll()
+        step = trainer.step
+        if not all_finite(trainer.engine.leaves):
+            log.warning(
+                "Not saving step %d to %s: the model or optimizer state has non-finite values.",
+                step,
+                store.directory,
+            )
+            return False
+        meta = training_meta(trainer)
+        if extra_meta:
+            meta.update(extra_meta)
+        if self.async_enabled:
+            while len(self._pending) >= self.max_in_flight:
+                self._finish(*self._pending.popleft())
+        saved = store.save(
+            step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
+        )
+        if saved and self.async_enabled:
+            self._pending.append((store, step))
+        return saved
+
+    def _finish(self, store: CheckpointStore, step: int) -> None:
+        try:
+            store.wait()
+        except Exception as exc:
+            raise CheckpointError(
+                f"Saving the checkpoint of step {step} to {store.directory} failed in the "
+                f"background: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def poll(self) -> None:
+        """Raises the error of any background save that has finished with one."""
+        while self._pending and not self._pending[0][0].is_saving():
+            self._finish(*self._pending.popleft())
+
+    def wait_all(self) -> None:
+        """Waits for every pending save; raises the first failure after waiting for all."""
+        error = None
+        while self._pending:
+            try:
+                self._finish(*self._pending.popleft())
+            except CheckpointError as exc:
+                error = error or exc
+        if error is not None:
+            raise error

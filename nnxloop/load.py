@@ -1,0 +1,111 @@
+"""`load_model`: a trained model from a checkpoint directory, for inference."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from nnxloop.checkpointing import CheckpointError, CheckpointStore, compare_shapes, path_shapes
+
+
+def _resolve_step(store: CheckpointStore, step: int | str) -> int:
+    steps = store.steps()
+    if not steps:
+        raise CheckpointError(
+            f"No checkpoints in {store.directory}; pass the directory a CheckpointCallback or "
+            "BestModelCallback wrote to."
+        )
+    if step == "latest":
+        return steps[-1]
+    if step == "best":
+        ranked = []
+        for s in steps:
+            best = store.read_meta(s).get("best")
+            if best is None:
+                raise CheckpointError(
+                    f"{store.directory} is not a BestModelCallback directory (step {s} has no "
+                    "best-metric record); use step='latest' or an int."
+                )
+            value = float(best["value"])
+            if math.isfinite(value):
+                ranked.append((value if best["mode"] == "min" else -value, s))
+        if not ranked:
+            raise CheckpointError(f"No checkpoint in {store.directory} has a finite metric.")
+        return min(ranked)[1]
+    if isinstance(step, int) and not isinstance(step, bool):
+        if step not in steps:
+            raise CheckpointError(
+                f"No checkpoint of step {step} in {store.directory}; it has steps {steps}."
+            )
+        return step
+    raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}.")
+
+
+def load_model(
+    directory: str | os.PathLike,
+    like: nnx.Module | Callable[[], nnx.Module],
+    *,
+    step: int | str = "latest",
+) -> nnx.Module:
+    """Loads a model's saved state (parameters, batch statistics, RNG state) for inference.
+
+    Args:
+        directory: a directory written by `CheckpointCallback` or `BestModelCallback`.
+        like: a model of the same architecture (its values are replaced), or a function that
+            builds one (called abstractly: no initialisation cost).
+        step: `"latest"`, `"best"` (a `BestModelCallback` directory) or a step number.
+
+    Returns:
+        The model, holding the saved values, in eval mode.
+
+    Raises:
+        CheckpointError: no checkpoints, no such step, or a model whose shapes differ (the
+            message names the leaf and both shapes).
+
+    Example:
+        ```python
+        model = nl.load_model("runs/exp/best", lambda: MyModel(rngs=nnx.Rngs(0)), step="best")
+        ```
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"Checkpoint directory {directory} does not exist.")
+    if isinstance(like, nnx.Module):
+        model = like
+        abstract_model = nnx.eval_shape(lambda: like)
+    elif callable(like):
+        abstract_model = nnx.eval_shape(like)
+        model = None
+    else:
+        raise TypeError(
+            f"like must be an nnx.Module or a function building one, got {type(like).__name__}."
+        )
+    store = CheckpointStore(directory)
+    try:
+        chosen = _resolve_step(store, step)
+        graphdef, abstract_state = nnx.split(abstract_model)
+        compare_shapes(
+            store.read_meta(chosen).get("model_shapes", {}),
+            path_shapes(abstract_state),
+            where=f"The checkpoint of step {chosen} in {directory}",
+        )
+        replicated = NamedSharding(
+            jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec()
+        )
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
+        )
+        state, _ = store.restore(chosen, target)
+    finally:
+        store.close()
+    if model is None:
+        model = nnx.merge(graphdef, state)
+    else:
+        nnx.update(model, state)
+    model.eval()
+    return model

@@ -1,0 +1,64 @@
+"""A training script for the kill-and-rerun tests: `python resume_run.py WORKDIR MODE`.
+
+MODE is `sync` (a list of batches, resumed by skipping) or `async` (AsyncSaveCallback and a
+grain dataset, resumed through its iterator state). Prints `step N` after every step; at the end
+writes every leaf of the training state to WORKDIR/final.npz.
+"""
+
+import os
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+from conftest import loss_fn, make_batches, make_model, tx
+
+import nnxloop as nl
+
+
+class Announce(nl.Callback):
+    started = False
+
+    def on_epoch_begin(self, trainer, epoch):
+        if not self.started:  # after CheckpointCallback.on_train_begin has restored
+            self.started = True
+            print(f"start {trainer.step}", flush=True)
+
+    def on_step_end(self, trainer, step, logs):
+        time.sleep(0.01)  # spread the steps out, so kills land at varied moments
+        print(f"step {step}", flush=True)
+
+
+def main(workdir, mode):
+    batches = make_batches(n_batches=10)
+    if mode == "async":
+        data = grain.MapDataset.source(batches).map(lambda b: b)
+    else:
+        data = batches
+    callbacks = [
+        Announce(),
+        nl.CheckpointCallback(os.path.join(workdir, "ckpt"), every_steps=3, max_to_keep=2),
+        nl.BestModelCallback(os.path.join(workdir, "best"), max_to_keep=2),
+    ]
+    if mode == "async":
+        callbacks.append(nl.AsyncSaveCallback())
+    trainer = nl.Trainer(
+        make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks, steps_per_dispatch=2
+    )
+    history = trainer.fit(data, val_data=make_batches(2, seed=1), epochs=4, eval_every_steps=7)
+    if history.preempted:
+        print(f"preempted {trainer.step}", flush=True)
+        return
+    leaves = [
+        np.asarray(
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        )
+        for x in trainer.engine.leaves
+    ]
+    np.savez(os.path.join(workdir, "final.npz"), *leaves)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
