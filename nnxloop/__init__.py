@@ -7,7 +7,10 @@ from nnxloop.callbacks import (
     BestModelCallback,
     Callback,
     CheckpointCallback,
+    EarlyStopping,
+    MetricsLogger,
     MonitorCallback,
+    TerminateOnNaN,
 )
 from nnxloop.checkpointing import CheckpointError
 from nnxloop.history import History
@@ -25,8 +28,11 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "CheckpointError",
+    "EarlyStopping",
     "History",
+    "MetricsLogger",
     "MonitorCallback",
+    "TerminateOnNaN",
     "Trainer",
     "__version__",
     "load_model",

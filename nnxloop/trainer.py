@@ -18,6 +18,7 @@ from nnxloop.engine import StepEngine
 from nnxloop.history import History
 from nnxloop.metrics import MetricTotals
 from nnxloop.preemption import PreemptionWatcher
+from nnxloop.progress import ProgressBar, evaluation_progress, wanted
 
 log = logging.getLogger("nnxloop")
 
@@ -137,6 +138,9 @@ class Trainer:
         self._resumed = False
         self._preemption = PreemptionWatcher()
         self.save_coordinator = SaveCoordinator()
+        self.last_metrics: dict[str, jax.Array] = {}
+        self._dispatch = self.callbacks
+        self._show_progress = False
         self.fit_epochs: int | None = None
         self.fit_max_steps: int | None = None
 
@@ -293,19 +297,23 @@ class Trainer:
         self.preempted = False
         self.fit_epochs, self.fit_max_steps = epochs, max_steps
         self.save_coordinator.reset()
+        self._show_progress = wanted(self.progress)
+        extra = [ProgressBar(self.log_every_steps)] if self._show_progress else []
+        self._dispatch = CallbackList([*self.callbacks, *extra])
         self._engine.load_from_objects()
         self._running = True
         self._totals = MetricTotals()
         self._acc = None
         try:
             with self._preemption.installed():
-                self.callbacks.call("on_train_begin", self)
+                self._dispatch.call("on_train_begin", self)
                 self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
+                self.history.stopped_early = self.stop_training and not self.preempted
                 self.metric_totals()
-                self.callbacks.call("on_train_end", self)
+                self._dispatch.call("on_train_end", self)
         except BaseException as exc:
             try:
-                self.callbacks.call("on_exception", self, exc)
+                self._dispatch.call("on_exception", self, exc)
             finally:
                 self._finish_saves(failing=True)
             raise
@@ -336,7 +344,7 @@ class Trainer:
     def _train_loop(self, train_data, val_data, epochs, max_steps, eval_every_steps) -> None:
         while not self._done(epochs, max_steps):
             epoch = self.epoch
-            self.callbacks.call("on_epoch_begin", self, epoch)
+            self._dispatch.call("on_epoch_begin", self, epoch)
             epoch_start = self.metric_totals().snapshot()
             finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
             if not finished:
@@ -347,7 +355,7 @@ class Trainer:
             if val_data is not None and eval_every_steps is None:
                 logs.update(self._evaluate_in_fit(val_data))
             self.history.epochs.append({"epoch": epoch, **logs})
-            self.callbacks.call("on_epoch_end", self, epoch, logs)
+            self._dispatch.call("on_epoch_end", self, epoch, logs)
 
     def _open_epoch(self, train_data) -> Any:
         iterator = iter(train_data)
@@ -376,9 +384,9 @@ class Trainer:
             end = min(end, max_steps)
         if eval_every_steps is not None:
             end = min(end, step + eval_every_steps - step % eval_every_steps)
-        wanted = self.callbacks.next_step(self, step)
-        if wanted is not None:
-            end = min(end, wanted)
+        asked = self._dispatch.next_step(self, step)
+        if asked is not None:
+            end = min(end, asked)
         return end
 
     def _train_epoch(self, train_data, val_data, max_steps, eval_every_steps) -> bool:
@@ -404,20 +412,25 @@ class Trainer:
                     )
                 return True
             saw_batch = True
+
+            def evaluate(step):
+                if eval_every_steps is not None and step % eval_every_steps == 0:
+                    self._evaluate_in_fit(val_data)
+
             sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
             if self._acc is None:
                 self._acc = self._engine.zero_accumulator(batches[0])
             if len(batches) == k and k > 1:
                 stacked = data_lib.stack(batches)
                 self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
-                self._after_steps(metrics, sizes, stacked=True)
+                self.last_metrics = metrics
+                self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
             else:
                 for batch, size in zip(batches, sizes):
                     batch = data_lib.as_host_or_placed(batch, self.mesh)
                     self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
-                    self._after_steps(metrics, [size], stacked=False)
-            if eval_every_steps is not None and self.step % eval_every_steps == 0:
-                self._evaluate_in_fit(val_data)
+                    self.last_metrics = metrics
+                    self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
             if self._preemption.requested:
                 self.preempted = self.history.preempted = True
                 self.stop_training = True
@@ -425,27 +438,34 @@ class Trainer:
                     "Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step
                 )
 
-    def _after_steps(self, metrics, sizes, *, stacked: bool) -> None:
+    def _after_steps(self, metrics, sizes, *, stacked: bool, evaluate) -> None:
+        """Advances the counters over a dispatch's steps and sends `on_step_end` for each.
+
+        A step's evaluation runs before that step's `on_step_end`, so that a checkpoint saved
+        there already holds what the evaluation changed (best score, patience), and a run
+        resumed from it does not evaluate that step again.
+        """
         n = len(sizes)
         self._acc_dirty = True
         self.examples_seen += sum(sizes)
-        step_end = self.callbacks.step_end
+        step_end = self._dispatch.step_end
         for i in range(n):
             self.step += 1
             self.position += 1
             self.state_is_current = i == n - 1
+            if self.state_is_current:
+                evaluate(self.step)
             if step_end:
                 logs = StepLogs(metrics, i) if stacked else metrics
                 for cb in step_end:
                     cb.on_step_end(self, self.step, logs)
         self.state_is_current = True
-        if self.stop_training and not self.history.preempted:
-            self.history.stopped_early = True
 
     def _evaluate_in_fit(self, val_data) -> dict[str, float]:
-        metrics = {f"val_{k}": v for k, v in self._engine.evaluate(self._batches(val_data)).items()}
+        batches = self._batches(evaluation_progress(val_data, self._show_progress))
+        metrics = {f"val_{k}": v for k, v in self._engine.evaluate(batches).items()}
         self.history.evals.append({"step": self.step, **metrics})
-        self.callbacks.call("on_eval_end", self, self.step, metrics)
+        self._dispatch.call("on_eval_end", self, self.step, metrics)
         return metrics
 
     # -- evaluate / predict ---------------------------------------------------------------

@@ -4,12 +4,18 @@ from nnxloop.callbacks.async_save import AsyncSaveCallback
 from nnxloop.callbacks.base import Callback
 from nnxloop.callbacks.best_model import BestModelCallback
 from nnxloop.callbacks.checkpoint import CheckpointCallback
+from nnxloop.callbacks.early_stopping import EarlyStopping
+from nnxloop.callbacks.metrics_logger import MetricsLogger
 from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.callbacks.terminate_on_nan import TerminateOnNaN
 
 __all__ = [
     "AsyncSaveCallback",
     "BestModelCallback",
     "Callback",
     "CheckpointCallback",
+    "EarlyStopping",
+    "MetricsLogger",
     "MonitorCallback",
+    "TerminateOnNaN",
 ]

@@ -1,0 +1,166 @@
+"""`MetricsLogger`: training and evaluation metrics to TensorBoard and `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from clu import parameter_overview
+from flax import nnx
+
+from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.checkpointing import check_directory
+from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
+
+
+def injected_learning_rate(trainer) -> jax.Array | None:
+    """The learning rate held in `optax.inject_hyperparams` state, if the optimizer has one."""
+    opt_state = trainer.engine.state()[1]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "hyperparams" in keys and "learning_rate" in keys:
+            return leaf
+    return None
+
+
+class MetricsLogger(Callback):
+    """Writes metrics as TensorBoard event files (tensorboardX) and as `metrics.jsonl`.
+
+    Every `every_steps` steps it writes the training metrics averaged on device over those
+    steps, plus `learning_rate`, `steps_per_sec` and `examples_per_sec`; after each evaluation,
+    the `val_` metrics. At train start it records the hyper-parameters and a table of the
+    model's parameters. Only process 0 writes. A resumed run appends, without duplicating
+    the lines its killed predecessor wrote after the checkpoint it resumed from.
+
+    Args:
+        logdir: the directory for the event files and `metrics.jsonl`.
+        every_steps: how often to write training metrics.
+        learning_rate: a schedule (`step -> lr`) or a float to log as `learning_rate`. Not
+            needed when the optimizer was built with `optax.inject_hyperparams`, whose state
+            holds the current value.
+        hparams: extra hyper-parameters to record with the run's own.
+
+    Example:
+        ```python
+        callbacks = [nl.MetricsLogger("runs/exp/logs", every_steps=50)]
+        ```
+    """
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        *,
+        every_steps: int = 50,
+        learning_rate: Callable[[int], Any] | float | None = None,
+        hparams: Mapping[str, Any] | None = None,
+    ):
+        if not isinstance(every_steps, int) or every_steps < 1:
+            raise ValueError(f"every_steps must be a positive int, got {every_steps!r}.")
+        self.logdir = os.path.abspath(os.fspath(logdir))
+        self.every_steps = every_steps
+        self.learning_rate = learning_rate
+        self.hparams = dict(hparams or {})
+        self.writer: MetricWriter | None = None
+        self._active = False
+
+    def _make_writer(self, resume_step: int) -> MetricWriter:
+        return MultiWriter(
+            [
+                TensorBoardWriter(self.logdir),
+                JsonlWriter(os.path.join(self.logdir, "metrics.jsonl"), resume_step=resume_step),
+            ]
+        )
+
+    def on_train_begin(self, trainer) -> None:
+        self._active = jax.process_index() == 0
+        if not self._active:
+            return
+        check_directory(self.logdir, what="Log directory")
+        self.writer = None  # opened at the first write, after any checkpoint restore
+        self._snapshot = trainer.metric_totals().snapshot()
+        self._mark = None
+
+    def on_epoch_begin(self, trainer, epoch: int) -> None:
+        if self._active and self._mark is None:  # the first step to come, after any restore
+            self._mark = (time.perf_counter(), trainer.step, trainer.examples_seen)
+
+    def _writer(self, trainer) -> MetricWriter:
+        if self.writer is None:
+            self.writer = self._make_writer(resume_step=self._resume_step(trainer))
+            self._write_run_info(trainer)
+        return self.writer
+
+    def _resume_step(self, trainer) -> int:
+        # The step training (re)started from: lines after it are from a killed run.
+        return self._mark[1] if self._mark is not None else trainer.step
+
+    def _write_run_info(self, trainer) -> None:
+        params = nnx.state(trainer.model, nnx.Param)
+        count = sum(x.size for x in jax.tree.leaves(params))
+        hparams = {
+            "steps_per_dispatch": trainer.steps_per_dispatch,
+            "epochs": trainer.fit_epochs or 0,
+            "max_steps": trainer.fit_max_steps or 0,
+            "devices": jax.device_count(),
+            "parameters": count,
+            "model": type(trainer.model).__name__,
+            **self.hparams,
+        }
+        self.writer.write_hparams(hparams)
+        overview = parameter_overview.get_parameter_overview(
+            jax.tree.map(lambda x: x, nnx.to_pure_dict(params)), include_stats=False
+        )
+        self.writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
+
+    def next_step(self, trainer, step: int) -> int | None:
+        if not self._active:
+            return None
+        return step + self.every_steps - step % self.every_steps
+
+    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+        if not self._active or step % self.every_steps or not trainer.state_is_current:
+            return
+        writer = self._writer(trainer)
+        totals = trainer.metric_totals()
+        scalars = totals.average_since(self._snapshot)
+        self._snapshot = totals.snapshot()
+        now = time.perf_counter()
+        then, then_step, then_examples = self._mark
+        if step > then_step and now > then:
+            scalars["steps_per_sec"] = (step - then_step) / (now - then)
+            scalars["examples_per_sec"] = (trainer.examples_seen - then_examples) / (now - then)
+        self._mark = (now, step, trainer.examples_seen)
+        lr = self._learning_rate(trainer, step)
+        if lr is not None:
+            scalars["learning_rate"] = lr
+        if scalars:
+            writer.write_scalars(step, scalars)
+
+    def _learning_rate(self, trainer, step: int) -> float | None:
+        if callable(self.learning_rate):
+            return float(self.learning_rate(step))
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        injected = injected_learning_rate(trainer)
+        return None if injected is None else float(injected)
+
+    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        if not self._active:
+            return
+        writer = self._writer(trainer)
+        writer.write_scalars(step, metrics)
+        writer.flush()
+
+    def on_train_end(self, trainer) -> None:
+        self._close()
+
+    def on_exception(self, trainer, exc: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()

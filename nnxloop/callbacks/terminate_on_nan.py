@@ -1,0 +1,63 @@
+"""`TerminateOnNaN`: stops training once the loss is NaN or infinite."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+
+from nnxloop.callbacks.base import Callback, Logs
+
+log = logging.getLogger("nnxloop")
+
+
+class TerminateOnNaN(Callback):
+    """Stops `fit` when the training loss becomes non-finite.
+
+    The check never makes the host wait for the device: it looks at a dispatch's losses once
+    they are computed, so it may act a dispatch or two late. Whatever the order of the
+    callbacks, no checkpoint of a non-finite state is written: every save checks the state
+    first and skips it with a warning.
+
+    Args:
+        metric: the training metric to watch.
+
+    Example:
+        ```python
+        callbacks = [nl.TerminateOnNaN(), nl.CheckpointCallback("ckpt")]
+        ```
+    """
+
+    def __init__(self, *, metric: str = "loss"):
+        self.metric = metric
+        self._pending: collections.deque = collections.deque()
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, trainer) -> None:
+        self._pending.clear()
+
+    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+        if not trainer.state_is_current:
+            return  # one check per dispatch covers all of its steps
+        values = trainer.last_metrics.get(self.metric)
+        if values is None:
+            raise KeyError(
+                f"TerminateOnNaN watches {self.metric!r}, but train_step returned only "
+                f"{sorted(trainer.last_metrics)}; pass metric= one of those."
+            )
+        self._pending.append((step, values))
+        self._check(trainer, wait=False)
+
+    def _check(self, trainer, *, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].is_ready()):
+            step, values = self._pending.popleft()
+            if not np.all(np.isfinite(np.asarray(values))):
+                self.stopped_at = step
+                log.warning("Non-finite %s by step %d: stopping.", self.metric, step)
+                trainer.stop_training = True
+                self._pending.clear()
+                return
+
+    def on_epoch_end(self, trainer, epoch, logs) -> None:
+        self._check(trainer, wait=True)

@@ -1,0 +1,157 @@
+"""Metric writers with CLU's method names, without CLU's TensorFlow import.
+
+`clu.metric_writers` imports TensorFlow when imported, so nnxloop keeps a small interface with
+the same methods (`write_scalars`, `write_hparams`, `write_texts`, `flush`, `close`) and three
+backends: TensorBoard event files (tensorboardX), JSON lines, and Python logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Scalars = Mapping[str, float]
+
+
+class MetricWriter:
+    """The writer interface. Every method is a no-op unless a backend overrides it."""
+
+    def write_scalars(self, step: int, scalars: Scalars) -> None:
+        """Writes named scalar values at `step`."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Records the run's hyper-parameters."""
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes named text blocks at `step`."""
+
+    def flush(self) -> None:
+        """Makes everything written so far durable."""
+
+    def close(self) -> None:
+        """Flushes and releases the writer."""
+        self.flush()
+
+
+class TensorBoardWriter(MetricWriter):
+    """TensorBoard event files under `logdir`, through tensorboardX (no TensorFlow needed)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.logdir = logdir
+        self._writer = SummaryWriter(logdir)
+
+    def write_scalars(self, step, scalars):
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, global_step=step)
+
+    def write_hparams(self, hparams):
+        clean = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+        }
+        self._writer.add_hparams(clean, {}, name="hparams")
+
+    def write_texts(self, step, texts):
+        for name, text in texts.items():
+            self._writer.add_text(name, text, global_step=step)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class JsonlWriter(MetricWriter):
+    """Appends one JSON object per `write_scalars` call to `path`: `step`, `time`, the values.
+
+    Args:
+        path: the `.jsonl` file.
+        resume_step: when the file exists, lines with a step after this one (written by a run
+            that was killed after its last checkpoint) are dropped, so a resumed run does not
+            duplicate them.
+    """
+
+    def __init__(self, path: str, *, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            self._truncate_after(resume_step)
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def _truncate_after(self, step: int) -> None:
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line from a killed run
+        if len(kept) != len(lines):
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write_scalars(self, step, scalars):
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+
+    def flush(self):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self):
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+
+class LoggingWriter(MetricWriter):
+    """Writes scalars as one `logging` line per call (logger `nnxloop.metrics`)."""
+
+    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO):
+        self._log = logger or logging.getLogger("nnxloop.metrics")
+        self._level = level
+
+    def write_scalars(self, step, scalars):
+        text = ", ".join(f"{k}={v:.6g}" for k, v in scalars.items())
+        self._log.log(self._level, "step %d: %s", step, text)
+
+    def write_texts(self, step, texts):
+        for name, text in texts.items():
+            self._log.log(self._level, "step %d %s:\n%s", step, name, text)
+
+
+class MultiWriter(MetricWriter):
+    """Sends every call to each of `writers`."""
+
+    def __init__(self, writers: Sequence[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams):
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def write_texts(self, step, texts):
+        for w in self.writers:
+            w.write_texts(step, texts)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()

@@ -1,0 +1,207 @@
+import json
+import logging
+import os
+
+import numpy as np
+import optax
+import pytest
+from conftest import loss_fn, make_batches, make_model, tx
+
+import nnxloop as nl
+from nnxloop import writers
+
+
+def read_tensorboard(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_jsonl(logdir):
+    with open(os.path.join(logdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+class Losses(nl.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_step_end(self, trainer, step, logs):
+        self.losses[step] = float(logs["loss"])
+
+
+def test_tensorboard_and_jsonl_have_the_expected_scalars(tmp_path):
+    losses = Losses()
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(0.01, 0.0, 12))
+    trainer = nl.Trainer(
+        make_model(),
+        opt,
+        loss_fn=loss_fn,
+        steps_per_dispatch=3,
+        callbacks=[losses, nl.MetricsLogger(tmp_path, every_steps=4)],
+    )
+    trainer.fit(make_batches(), val_data=make_batches(2, seed=1), max_steps=12, eval_every_steps=6)
+    scalars = read_tensorboard(tmp_path)
+    assert [s for s, _ in scalars["loss"]] == [4, 8, 12]
+    assert [s for s, _ in scalars["val_loss"]] == [6, 12]
+    for tag in ("accuracy", "learning_rate", "steps_per_sec", "examples_per_sec", "val_accuracy"):
+        assert tag in scalars
+    # the logged loss is the on-device average over the window, not one step's value
+    window = np.mean([losses.losses[s] for s in (5, 6, 7, 8)])
+    assert dict(scalars["loss"])[8] == pytest.approx(window, rel=1e-5)
+    # learning_rate is the injected value the 4th update used (schedule count 3)
+    lrs = dict(scalars["learning_rate"])
+    assert lrs[4] == pytest.approx(0.01 * (1 - 3 / 12), rel=1e-5)
+
+    records = read_jsonl(tmp_path)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    assert all(isinstance(r["time"], float) for r in records)
+    assert train[1]["loss"] == pytest.approx(window, rel=1e-5)
+
+
+def test_learning_rate_from_a_schedule_argument(tmp_path):
+    schedule = optax.cosine_decay_schedule(0.1, 10)
+    trainer = nl.Trainer(
+        make_model(),
+        optax.sgd(schedule),
+        loss_fn=loss_fn,
+        callbacks=[nl.MetricsLogger(tmp_path, every_steps=5, learning_rate=schedule)],
+    )
+    trainer.fit(make_batches(), max_steps=10)
+    lrs = {r["step"]: r["learning_rate"] for r in read_jsonl(tmp_path)}
+    assert lrs[5] == pytest.approx(float(schedule(5)))
+
+
+def test_resumed_run_does_not_duplicate_jsonl_lines(tmp_path):
+    ckpt_dir, logdir = tmp_path / "ckpt", tmp_path / "logs"
+
+    def run():
+        trainer = nl.Trainer(
+            make_model(),
+            tx(),
+            loss_fn=loss_fn,
+            callbacks=[
+                nl.CheckpointCallback(ckpt_dir, every_steps=4, max_to_keep=None),
+                nl.MetricsLogger(logdir, every_steps=2),
+            ],
+        )
+        trainer.fit(make_batches(), max_steps=10)
+
+    run()
+    # as if the process had been killed just after logging step 10 and saving only up to 4
+    for step in ("8", "10"):
+        os.rename(ckpt_dir / step, tmp_path / f"gone-{step}")
+    first = read_jsonl(logdir)
+    run()
+    steps = [r["step"] for r in read_jsonl(logdir)]
+    assert steps == [2, 4, 6, 8, 10]
+    assert [r["loss"] for r in read_jsonl(logdir)] == pytest.approx([r["loss"] for r in first])
+
+
+def test_logdir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=[nl.MetricsLogger(path)])
+    with pytest.raises(nl.CheckpointError, match=f"Log directory {path} is a file"):
+        trainer.fit(make_batches(), max_steps=2)
+
+
+class FakeEval(nl.Callback):
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def on_eval_end(self, trainer, step, metrics):
+        metrics["val_score"] = next(self.values)
+
+
+def test_early_stopping_patience_and_min_delta():
+    stop = nl.EarlyStopping(monitor="val_score", mode="max", patience=2, min_delta=0.05)
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[FakeEval([0.5, 0.6, 0.62, 0.64, 0.9, 0.9]), stop],
+    )
+    history = trainer.fit(
+        make_batches(), val_data=make_batches(1), max_steps=12, eval_every_steps=2
+    )
+    assert trainer.step == 8 and history.stopped_early
+    assert stop.best == 0.6 and stop.wait == 2
+
+
+def test_early_stopping_state_survives_resume(tmp_path):
+    def run(values, max_steps):
+        stop = nl.EarlyStopping(monitor="val_score", patience=3)
+        trainer = nl.Trainer(
+            make_model(),
+            tx(),
+            loss_fn=loss_fn,
+            callbacks=[FakeEval(values), stop, nl.CheckpointCallback(tmp_path, every_steps=2)],
+        )
+        trainer.fit(
+            make_batches(), val_data=make_batches(1), max_steps=max_steps, eval_every_steps=2
+        )
+        return trainer, stop
+
+    run([1.0, 2.0, 3.0], 6)  # best 1.0, two evaluations without improvement
+    trainer, stop = run([4.0, 5.0], 12)
+    assert trainer.step == 8  # the third non-improving evaluation stops it
+    assert (stop.best, stop.wait) == (1.0, 3)
+
+
+def test_early_stopping_missing_metric_lists_names():
+    trainer = nl.Trainer(
+        make_model(), tx(), loss_fn=loss_fn, callbacks=[nl.EarlyStopping(monitor="val_f1")]
+    )
+    with pytest.raises(KeyError, match=r"only \['val_accuracy', 'val_loss'\]"):
+        trainer.fit(make_batches(), val_data=make_batches(1), epochs=1)
+
+
+def diverging(model, batch):
+    loss, metrics = loss_fn(model, batch)
+    return loss * 1e30, metrics
+
+
+@pytest.mark.parametrize("order", ["checkpoint-first", "nan-first"])
+def test_terminate_on_nan_and_no_broken_checkpoint(tmp_path, order):
+    callbacks = [
+        nl.CheckpointCallback(tmp_path, every_steps=1, max_to_keep=None),
+        nl.TerminateOnNaN(),
+    ]
+    if order == "nan-first":
+        callbacks.reverse()
+    trainer = nl.Trainer(make_model(), optax.sgd(1e10), loss_fn=diverging, callbacks=callbacks)
+    history = trainer.fit(make_batches(), epochs=5)
+    assert history.stopped_early and trainer.step < 60
+    for step in sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()):
+        model = nl.load_model(tmp_path, make_model, step=step)
+        params = [
+            np.asarray(x)
+            for x in __import__("jax").tree.leaves(__import__("flax").nnx.state(model))
+            if np.issubdtype(np.asarray(x).dtype, np.floating)
+        ]
+        assert all(np.isfinite(p).all() for p in params)
+
+
+def test_progress_bar_only_when_asked(capsys):
+    nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=True, log_every_steps=2).fit(
+        make_batches(), val_data=make_batches(1), max_steps=4, eval_every_steps=4
+    )
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=" in err
+    nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=False).fit(make_batches(), max_steps=2)
+    nl.Trainer(make_model(), tx(), loss_fn=loss_fn).fit(make_batches(), max_steps=2)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+
+
+def test_logging_and_multi_writer(caplog):
+    logged = writers.LoggingWriter()
+    multi = writers.MultiWriter([logged, writers.MetricWriter()])
+    with caplog.at_level(logging.INFO, logger="nnxloop.metrics"):
+        multi.write_scalars(3, {"loss": 0.25})
+        multi.write_texts(3, {"note": "hello"})
+        multi.close()
+    assert "step 3: loss=0.25" in caplog.text and "hello" in caplog.text
