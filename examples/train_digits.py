@@ -9,6 +9,7 @@ on a laptop CPU. Rerunning the same command resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 
 import grain
 import numpy as np
@@ -64,17 +65,34 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
 
     train, val = digits_datasets(args.batch_size)
-    model = DigitsMLP(rngs=nnx.Rngs(0))
+    schedule = optax.cosine_decay_schedule(3e-3, args.epochs * len(train))
     trainer = nl.Trainer(
-        model,
-        optax.adamw(optax.cosine_decay_schedule(3e-3, args.epochs * len(train))),
+        DigitsMLP(rngs=nnx.Rngs(0)),
+        optax.adamw(schedule),
         loss_fn=loss_fn,
-        callbacks=[],
+        steps_per_dispatch=4,
+        callbacks=[
+            nl.CheckpointCallback(os.path.join(args.workdir, "ckpt"), every_epochs=5),
+            nl.BestModelCallback(
+                os.path.join(args.workdir, "best"), monitor="val_accuracy", mode="max"
+            ),
+            nl.AsyncSaveCallback(),
+            nl.MetricsLogger(
+                os.path.join(args.workdir, "logs"), every_steps=20, learning_rate=schedule
+            ),
+            nl.TerminateOnNaN(),
+        ],
     )
     history = trainer.fit(train, val_data=val, epochs=args.epochs)
-    final = trainer.evaluate(val)
-    print(f"validation accuracy {final['accuracy']:.4f} after {trainer.step} steps")
-    del history
+    if history.epochs:
+        print(f"trained to step {trainer.step}; last epoch: {history.epochs[-1]}")
+
+    # The best weights, as someone deploying the model would load them:
+    best = nl.load_model(
+        os.path.join(args.workdir, "best"), lambda: DigitsMLP(rngs=nnx.Rngs(0)), step="best"
+    )
+    final = nl.Trainer(best, optax.adamw(schedule), loss_fn=loss_fn).evaluate(val)
+    print(f"best checkpoint: validation accuracy {final['accuracy']:.4f}")
     return final
 
 

@@ -167,6 +167,10 @@ class CheckpointStore:
         manager.reload()
         return sorted(manager.all_steps())
 
+    def has_step(self, step: int) -> bool:
+        """Whether a committed checkpoint of `step` is on disk (no orbax state is touched)."""
+        return os.path.isdir(os.path.join(self.directory, str(step)))
+
     def save(
         self,
         step: int,

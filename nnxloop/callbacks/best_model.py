@@ -77,7 +77,7 @@ class BestModelCallback(MonitorCallback):
             return
         # A resumed run re-evaluates steps whose checkpoint the killed run already wrote; the
         # state is bitwise the same, so the one on disk stands.
-        exists = step in self.store.steps()
+        exists = self.store.has_step(step)
         if not exists and not trainer.save_coordinator.save(
             trainer,
             self.store,
