@@ -36,14 +36,20 @@ def batch_size(batch: Any, mesh: Mesh) -> int:
     size = shapes[0][0] if shapes[0] else None
     if any(not shape or shape[0] != size for shape in shapes):
         _raise_batch_mismatch(batch)
-    n = data_axis_size(mesh)
+    n = local_data_axis_size(mesh)
     if size % n:
+        where = "this process's share of" if jax.process_count() > 1 else "the mesh's"
         raise ValueError(
-            f"A batch of size {size} cannot be split over the {n} devices of the mesh's "
+            f"A batch of size {size} cannot be split over the {n} devices of {where} "
             f"'{DATA_AXIS}' axis; use a batch size that divides by {n} (drop or pad the last "
             "batch)."
         )
     return size
+
+
+def local_data_axis_size(mesh: Mesh) -> int:
+    """Devices along `data` that hold this process's share of a batch."""
+    return max(1, data_axis_size(mesh) // jax.process_count())
 
 
 def _raise_batch_mismatch(batch: Any) -> None:
@@ -65,18 +71,19 @@ def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def put_batch(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
-    """Places `batch` on the mesh, sharded along `data` (asynchronous)."""
-    return jax.device_put(batch, batch_sharding(mesh, stacked=stacked))
-
-
-def as_host_or_placed(batch: Any, mesh: Mesh) -> Any:
+def prepare(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     """`batch` ready for a jitted call whose batch input is sharded along `data`.
 
-    NumPy leaves pass through (the call shards them as it copies them in, cheaper than a
-    separate transfer); device arrays placed differently are moved to the batch sharding.
+    In one process, NumPy leaves pass through (the call shards them as it copies them in,
+    much cheaper than a separate transfer) and device arrays placed differently are moved to
+    the batch sharding. With several processes, each passes its share of the batch, and the
+    global array is assembled from the shares.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, stacked=stacked)
+    if jax.process_count() > 1:
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+        )
     leaves = jax.tree.leaves(batch)
     if all(not isinstance(x, jax.Array) or x.sharding == sharding for x in leaves):
         return batch
@@ -89,8 +96,13 @@ def stack(batches: list[Any]) -> Any:
 
 
 def concat(outputs: list[Any]) -> Any:
-    """Concatenates per-batch outputs on axis 0, on the host."""
-    host = jax.device_get(outputs)
+    """Concatenates per-batch outputs on axis 0, on the host (of every process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        host = multihost_utils.process_allgather(outputs, tiled=True)
+    else:
+        host = jax.device_get(outputs)
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *host)
 
 

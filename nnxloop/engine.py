@@ -21,6 +21,47 @@ from nnxloop import data as data_lib
 Metrics = dict[str, jax.Array]
 
 
+def place(leaf: Any, sharding: NamedSharding, *, copy: bool = True) -> jax.Array:
+    """`leaf` laid out with `sharding` (also across processes, also for PRNG keys).
+
+    With `copy`, never aliases `leaf`: donating the engine's buffers must not invalidate
+    arrays a user still holds.
+    """
+    may_alias = False if copy else None
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(jax.random.key_data(leaf), sharding, may_alias=may_alias)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    return jax.device_put(leaf, sharding, may_alias=may_alias)
+
+
+def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:
+    """`(path, spec)` for each leaf of a state tree, checked against the mesh's axes.
+
+    Raises:
+        ValueError: a variable is annotated with an axis the mesh lacks (names it).
+    """
+    specs = nnx.get_partition_spec(tree)
+    spec_leaves = jax.tree.leaves(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+    )
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    axes = set(mesh.axis_names)
+    out = []
+    for path, spec in zip(paths, spec_leaves):
+        spec = spec or PartitionSpec()
+        named = set()
+        for entry in spec:
+            named.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
+        if named - axes:
+            raise ValueError(
+                f"Variable {path} is partitioned over mesh axes {sorted(named - axes)}, but the "
+                f"Trainer's mesh has axes {mesh.axis_names}. Pass mesh= a mesh with those axes "
+                "(and build the model inside `with jax.set_mesh(mesh):`)."
+            )
+        out.append((path, spec))
+    return out
+
+
 def _as_metrics(out: Any, where: str) -> Metrics:
     if not isinstance(out, Mapping):
         raise TypeError(
@@ -91,11 +132,8 @@ class StepEngine:
     # -- state ----------------------------------------------------------------------------
 
     def _shardings_for(self, state: nnx.State) -> list[NamedSharding]:
-        specs = nnx.get_partition_spec(state)
-        spec_leaves = jax.tree.leaves(
-            specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
-        )
-        return [NamedSharding(self.mesh, spec or PartitionSpec()) for spec in spec_leaves]
+        """Each leaf's sharding on the mesh, from its `nnx.with_partitioning` annotation."""
+        return [NamedSharding(self.mesh, spec) for _, spec in partition_specs(state, self.mesh)]
 
     def load_from_objects(self) -> None:
         """Takes the current values of the model and optimizer objects as the training state."""
@@ -106,10 +144,8 @@ class StepEngine:
                 "The model or optimizer changed structure since the Trainer was built (a variable "
                 "was added or removed); build a new Trainer for the new structure."
             )
-        # A copy, so donating the engine's buffers never invalidates arrays the user still holds.
         self.leaves = [
-            jax.device_put(jnp.array(leaf, copy=True), sharding)
-            for leaf, sharding in zip(leaves, self._state_shardings)
+            place(leaf, sharding) for leaf, sharding in zip(leaves, self._state_shardings)
         ]
 
     def set_leaves(self, leaves: list[jax.Array]) -> None:
@@ -117,7 +153,8 @@ class StepEngine:
         if len(leaves) != len(self.leaves):
             raise ValueError(f"Expected {len(self.leaves)} state arrays, got {len(leaves)}.")
         self.leaves = [
-            jax.device_put(leaf, sharding) for leaf, sharding in zip(leaves, self._state_shardings)
+            place(leaf, sharding, copy=False)
+            for leaf, sharding in zip(leaves, self._state_shardings)
         ]
 
     def state(self) -> nnx.State:
@@ -136,7 +173,7 @@ class StepEngine:
 
     def sync_to_objects(self) -> None:
         """Writes the state leaves into the model and optimizer objects (copies, see above)."""
-        copies = [jnp.array(leaf, copy=True) for leaf in self.leaves]
+        copies = [place(leaf, leaf.sharding) for leaf in self.leaves]
         nnx.update((self.model, self.optimizer), jax.tree.unflatten(self._treedef, copies))
 
     # -- traced bodies --------------------------------------------------------------------
@@ -199,7 +236,8 @@ class StepEngine:
         metric names.
         """
         if self.metric_names is None:
-            _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
+            with jax.set_mesh(self.mesh):
+                _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
             self.metric_names = tuple(metrics)
         return self._zeros(self.metric_names)
 
@@ -224,11 +262,20 @@ class StepEngine:
 
         Returns the new accumulator and the step metrics (stacked when `stacked`), on device.
         """
-        self.leaves, acc, metrics = self._train_fn(stacked)(self.leaves, acc, batch)
+        with jax.set_mesh(self.mesh):  # user code may name mesh axes (Explicit sharding)
+            self.leaves, acc, metrics = self._train_fn(stacked)(self.leaves, acc, batch)
         return acc, metrics
 
     def evaluate(self, batches) -> dict[str, float]:
         """Averages `eval_step` metrics over all batches, weighting each by its size."""
+        with jax.set_mesh(self.mesh):
+            acc = self._evaluate(batches)
+        if acc is None:
+            raise ValueError("The evaluation data yielded no batches.")
+        sums, count = jax.device_get(acc)
+        return {k: float(v) / float(count) for k, v in sums.items()}
+
+    def _evaluate(self, batches):
         acc = None
         for batch in batches:
             if acc is None:
@@ -245,10 +292,8 @@ class StepEngine:
                     names = self._eval_names = tuple(model_out)
                 acc = self._zeros(names)
             acc = self._eval_fn(self.leaves, acc, batch)
-        if acc is None:
-            raise ValueError("The evaluation data yielded no batches.")
-        sums, count = jax.device_get(acc)
-        return {k: float(v) / float(count) for k, v in sums.items()}
+        return acc
 
     def predict(self, batch):
-        return self._predict_fn(self.leaves, batch)
+        with jax.set_mesh(self.mesh):
+            return self._predict_fn(self.leaves, batch)

@@ -14,7 +14,7 @@ from flax import nnx
 from nnxloop import data as data_lib
 from nnxloop.callbacks.base import Callback, CallbackList, StepLogs
 from nnxloop.checkpointing import SaveCoordinator
-from nnxloop.engine import StepEngine
+from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
 from nnxloop.metrics import MetricTotals
 from nnxloop.preemption import PreemptionWatcher
@@ -112,15 +112,19 @@ class Trainer:
         self.progress = progress
         self.tx = tx
         self._model = model
-        self._optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        self._engine = StepEngine(
-            model,
-            self._optimizer,
-            self.mesh,
-            train_step=self.train_step,
-            eval_step=self.eval_step,
-            predict_step=self.predict_step,
-        )
+        partition_specs(nnx.state(model), self.mesh)  # a clear error before flax's own
+        # Flax shards variables as it creates them (the optimizer's moments follow their
+        # parameter's annotation), which needs the mesh in context.
+        with jax.set_mesh(self.mesh):
+            self._optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+            self._engine = StepEngine(
+                model,
+                self._optimizer,
+                self.mesh,
+                train_step=self.train_step,
+                eval_step=self.eval_step,
+                predict_step=self.predict_step,
+            )
         self.step = 0
         self.epoch = 0
         self.position = 0
@@ -301,6 +305,7 @@ class Trainer:
         extra = [ProgressBar(self.log_every_steps)] if self._show_progress else []
         self._dispatch = CallbackList([*self.callbacks, *extra])
         self._engine.load_from_objects()
+        self._boundaries = 0
         self._running = True
         self._totals = MetricTotals()
         self._acc = None
@@ -421,17 +426,18 @@ class Trainer:
             if self._acc is None:
                 self._acc = self._engine.zero_accumulator(batches[0])
             if len(batches) == k and k > 1:
-                stacked = data_lib.stack(batches)
+                stacked = data_lib.prepare(data_lib.stack(batches), self.mesh, stacked=True)
                 self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
                 self.last_metrics = metrics
                 self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
             else:
                 for batch, size in zip(batches, sizes):
-                    batch = data_lib.as_host_or_placed(batch, self.mesh)
+                    batch = data_lib.prepare(batch, self.mesh)
                     self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
                     self.last_metrics = metrics
                     self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
-            if self._preemption.requested:
+            self._boundaries += 1
+            if self._preemption.should_stop(self._boundaries):
                 self.preempted = self.history.preempted = True
                 self.stop_training = True
                 log.warning(
@@ -473,7 +479,7 @@ class Trainer:
     def _batches(self, data: Iterable[Any]):
         for batch in data:
             data_lib.batch_size(batch, self.mesh)
-            yield data_lib.as_host_or_placed(batch, self.mesh)
+            yield data_lib.prepare(batch, self.mesh)
 
     def evaluate(self, data: Iterable[Any]) -> dict[str, float]:
         """Averages `eval_step` metrics over `data` (weighted by batch size), in eval mode.

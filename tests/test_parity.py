@@ -108,7 +108,7 @@ def test_dispatch_ends_on_steps_callbacks_ask_for():
 def test_state_is_sharded_over_the_four_devices():
     trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn)
     assert trainer.mesh.shape == {"data": 4}
-    batch = nl.data.put_batch(make_batches(1)[0], trainer.mesh)
+    batch = jax.device_put(make_batches(1)[0], nl.data.batch_sharding(trainer.mesh))
     assert len(batch["x"].sharding.device_set) == 4
     trainer.fit(make_batches(), max_steps=3)
     assert all(len(x.sharding.device_set) == 4 for x in trainer.engine.leaves)
