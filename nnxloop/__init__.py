@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from nnxloop import distributed
 from nnxloop.callbacks import (
     AsyncSaveCallback,
     BestModelCallback,
@@ -35,5 +36,6 @@ __all__ = [
     "TerminateOnNaN",
     "Trainer",
     "__version__",
+    "distributed",
     "load_model",
 ]

@@ -31,6 +31,11 @@ class MetricTotals:
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += float(count)
 
+    def copy(self) -> MetricTotals:
+        out = MetricTotals()
+        out.add(self.sums, self.count)
+        return out
+
     def snapshot(self) -> TotalsSnapshot:
         return TotalsSnapshot(dict(self.sums), self.count)
 

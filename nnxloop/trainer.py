@@ -22,6 +22,10 @@ from nnxloop.progress import ProgressBar, evaluation_progress, wanted
 
 log = logging.getLogger("nnxloop")
 
+# Device metric sums are float32; folding them into float64 host totals this often keeps
+# window averages accurate over long epochs.
+FOLD_EVERY = 1000
+
 
 def split_loss(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Normalises a `loss_fn` result, `loss` or `(loss, metrics)`, to `(loss, metrics)`."""
@@ -236,16 +240,28 @@ class Trainer:
         self._resumed = True
 
     def metric_totals(self) -> MetricTotals:
-        """Host-side running sums of the training metrics, brought up to date (one device read).
+        """Running sums of the training metrics up to now (one read of the device accumulator).
 
         Consumers keep a snapshot and difference two readings to average over any window.
+        Reading changes nothing, so any subset of processes may read at any step.
+        """
+        totals = self._totals.copy()
+        if self._acc is not None and self._acc_dirty:
+            sums, count = jax.device_get(self._acc)
+            totals.add(sums, count)
+        return totals
+
+    def _fold_metrics(self) -> None:
+        """Moves the float32 device sums into the float64 host totals and restarts them.
+
+        Called at the same steps on every process (epoch ends, every `FOLD_EVERY` steps), so
+        the replicated accumulator stays identical everywhere.
         """
         if self._acc is not None and self._acc_dirty:
             sums, count = jax.device_get(self._acc)
             self._totals.add(sums, count)
             self._acc = self._engine.zero_accumulator(None)
             self._acc_dirty = False
-        return self._totals
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -314,7 +330,7 @@ class Trainer:
                 self._dispatch.call("on_train_begin", self)
                 self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
                 self.history.stopped_early = self.stop_training and not self.preempted
-                self.metric_totals()
+                self._fold_metrics()
                 self._dispatch.call("on_train_end", self)
         except BaseException as exc:
             try:
@@ -350,13 +366,15 @@ class Trainer:
         while not self._done(epochs, max_steps):
             epoch = self.epoch
             self._dispatch.call("on_epoch_begin", self, epoch)
-            epoch_start = self.metric_totals().snapshot()
+            self._fold_metrics()
+            epoch_start = self._totals.snapshot()
             finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
             if not finished:
                 break
             self.epoch += 1
             self.position = 0
-            logs = self.metric_totals().average_since(epoch_start)
+            self._fold_metrics()
+            logs = self._totals.average_since(epoch_start)
             if val_data is not None and eval_every_steps is None:
                 logs.update(self._evaluate_in_fit(val_data))
             self.history.epochs.append({"epoch": epoch, **logs})
@@ -436,6 +454,8 @@ class Trainer:
                     self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
                     self.last_metrics = metrics
                     self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
+            if self.step // FOLD_EVERY != (self.step - len(batches)) // FOLD_EVERY:
+                self._fold_metrics()
             self._boundaries += 1
             if self._preemption.should_stop(self._boundaries):
                 self.preempted = self.history.preempted = True

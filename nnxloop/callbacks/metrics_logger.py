@@ -75,6 +75,7 @@ class MetricsLogger(Callback):
         )
 
     def on_train_begin(self, trainer) -> None:
+        # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
         if not self._active:
             return
@@ -98,7 +99,8 @@ class MetricsLogger(Callback):
         return self._mark[1] if self._mark is not None else trainer.step
 
     def _write_run_info(self, trainer) -> None:
-        params = nnx.state(trainer.model, nnx.Param)
+        # Shapes only: process 0 alone must not run device computations on global arrays.
+        params = nnx.state(nnx.eval_shape(lambda: trainer.engine.model), nnx.Param)
         count = sum(x.size for x in jax.tree.leaves(params))
         hparams = {
             "steps_per_dispatch": trainer.steps_per_dispatch,
@@ -106,12 +108,12 @@ class MetricsLogger(Callback):
             "max_steps": trainer.fit_max_steps or 0,
             "devices": jax.device_count(),
             "parameters": count,
-            "model": type(trainer.model).__name__,
+            "model": type(trainer.engine.model).__name__,
             **self.hparams,
         }
         self.writer.write_hparams(hparams)
         overview = parameter_overview.get_parameter_overview(
-            jax.tree.map(lambda x: x, nnx.to_pure_dict(params)), include_stats=False
+            nnx.to_pure_dict(params), include_stats=False
         )
         self.writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
 
