@@ -54,5 +54,12 @@ def tx():
     return optax.adam(1e-2)
 
 
+def sgd():
+    # For comparing runs that sum gradients in different orders: momentum SGD is continuous in
+    # the gradients, whereas Adam turns float noise in a zero gradient (the bias before
+    # BatchNorm) into a full +-lr step.
+    return optax.sgd(0.05, momentum=0.9)
+
+
 def leaves_of(model):
     return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))

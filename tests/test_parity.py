@@ -4,15 +4,10 @@ import jax
 import numpy as np
 import optax
 from conftest import leaves_of, loss_fn, make_batches, make_model
+from conftest import sgd as tx
 from flax import nnx
 
 import nnxloop as nl
-
-
-def tx():
-    # Adam would turn float noise in the zero gradient of the bias before BatchNorm into full
-    # +-lr steps, so compare with momentum SGD, whose updates are continuous in the gradients.
-    return optax.sgd(0.05, momentum=0.9)
 
 
 def test_matches_hand_written_nnx_loop_after_50_steps():

@@ -1,0 +1,145 @@
+"""Two processes on 127.0.0.1 (gloo collectives), each with 2 CPU devices."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import loss_fn, make_batches, make_model, sgd
+from flax import nnx
+
+import nnxloop as nl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 150
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=HERE, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "multiprocess_run.py"),
+                str(i),
+                str(port),
+                str(workdir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+
+
+def finish(procs, timeout=TIMEOUT):
+    outs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    return outs
+
+
+def wait_for(proc, line, timeout=TIMEOUT):
+    """Reads `proc`'s output until `line`; returns what was read."""
+    seen, deadline = [], time.monotonic() + timeout
+    for text in proc.stdout:
+        seen.append(text)
+        if text.strip() == line or time.monotonic() > deadline:
+            break
+    return "".join(seen)
+
+
+def npz(path):
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_processes")
+    outs = finish(launch(workdir))
+    return workdir, outs
+
+
+@pytest.mark.slow
+def test_processes_agree_and_match_one_process(two_process_run):
+    workdir, outs = two_process_run
+    for out in outs:
+        assert "done 36" in out, out[-2000:]
+    p0, p1 = npz(workdir / "final_0.npz"), npz(workdir / "final_1.npz")
+    for a, b in zip(p0, p1):
+        assert np.array_equal(a, b)  # every process holds the same parameters, bitwise
+
+    # One process with the same 4 devices and the same global batches:
+    trainer = nl.Trainer(make_model(), sgd(), loss_fn=loss_fn, steps_per_dispatch=2)
+    trainer.fit(make_batches(n_batches=12), epochs=3)
+    one = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))]
+    for a, b in zip(p0, one):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    # The checkpoint they wrote together loads in a single process:
+    loaded = nl.load_model(workdir / "ckpt", make_model)
+    for a, b in zip(p0, jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        assert np.array_equal(a, np.asarray(b))
+
+
+@pytest.mark.slow
+def test_only_process_0_logs(two_process_run):
+    workdir, _ = two_process_run
+    events = [n for n in os.listdir(workdir / "logs") if n.startswith("events")]
+    assert len(events) == 1
+    with open(workdir / "logs" / "metrics.jsonl") as f:
+        steps = [line.split('"step": ')[1].split(",")[0] for line in f if '"loss"' in line]
+    assert steps == [str(s) for s in range(4, 37, 4)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    procs = launch(tmp_path)
+    try:
+        wait_for(procs[1], "step 10")
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        outs = finish(procs)
+    stops = [int(out.split("preempted ", 1)[1].split()[0]) for out in outs]
+    assert stops[0] == stops[1] and 10 <= stops[0] < 36
+    assert str(stops[0]) in os.listdir(tmp_path / "ckpt")
+    assert all(p.returncode == 0 for p in procs)
+
+
+@pytest.mark.slow
+def test_a_dead_process_makes_the_other_fail_fast(tmp_path):
+    procs = launch(tmp_path)
+    try:
+        wait_for(procs[1], "step 6")
+        os.kill(procs[1].pid, signal.SIGKILL)
+        start = time.monotonic()
+        out, _ = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        finish(procs, timeout=30)
+    assert procs[0].returncode != 0
+    assert elapsed < 30  # heartbeat timeout is 5 s in the script; no hang
+    assert "Task 1" in out or "Connection closed by peer" in out
