@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -10,7 +9,14 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nnxloop.checkpointing import CheckpointError, CheckpointStore, compare_shapes, path_shapes
+from nnxloop.checkpointing import (
+    CheckpointError,
+    CheckpointStore,
+    best_step,
+    compare_shapes,
+    list_checkpoints,
+    path_shapes,
+)
 
 
 def _resolve_step(store: CheckpointStore, step: int | str) -> int:
@@ -23,20 +29,13 @@ def _resolve_step(store: CheckpointStore, step: int | str) -> int:
     if step == "latest":
         return steps[-1]
     if step == "best":
-        ranked = []
-        for s in steps:
-            best = store.read_meta(s).get("best")
-            if best is None:
-                raise CheckpointError(
-                    f"{store.directory} is not a BestModelCallback directory (step {s} has no "
-                    "best-metric record); use step='latest' or an int."
-                )
-            value = float(best["value"])
-            if math.isfinite(value):
-                ranked.append((value if best["mode"] == "min" else -value, s))
-        if not ranked:
-            raise CheckpointError(f"No checkpoint in {store.directory} has a finite metric.")
-        return min(ranked)[1]
+        chosen = best_step(list_checkpoints(store.directory))
+        if chosen is None:
+            raise CheckpointError(
+                f"{store.directory} holds no checkpoint ranked by a BestModelCallback (with a "
+                "finite metric); use step='latest' or a step number."
+            )
+        return chosen
     if isinstance(step, int) and not isinstance(step, bool):
         if step not in steps:
             raise CheckpointError(

@@ -13,12 +13,12 @@ from flax import nnx
 
 from nnxloop import data as data_lib
 from nnxloop.callbacks.base import Callback, CallbackList, StepLogs
-from nnxloop.checkpointing import SaveCoordinator
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
 from nnxloop.metrics import MetricTotals
 from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import ProgressBar, evaluation_progress, wanted
+from nnxloop.training_checkpoint import SaveCoordinator
 
 log = logging.getLogger("nnxloop")
 

@@ -176,7 +176,7 @@ def test_load_model_errors(tmp_path):
     fit([nl.CheckpointCallback(tmp_path, every_steps=4)], max_steps=8, val=False)
     with pytest.raises(nl.CheckpointError, match=r"No checkpoint of step 5 .* steps \[4, 8\]"):
         nl.load_model(tmp_path, make_model, step=5)
-    with pytest.raises(nl.CheckpointError, match="not a BestModelCallback directory"):
+    with pytest.raises(nl.CheckpointError, match="no checkpoint ranked by a BestModelCallback"):
         nl.load_model(tmp_path, make_model, step="best")
     from conftest import TinyNet
     from flax import nnx

@@ -75,20 +75,24 @@ class BestModelCallback(MonitorCallback):
         value = self.monitored_value(metrics)
         if not self._ranks(value) or any(s == step for s, _ in self.kept):
             return
-        # A resumed run re-evaluates steps whose checkpoint the killed run already wrote; the
-        # state is bitwise the same, so the one on disk stands.
-        exists = self.store.has_step(step)
-        if not exists and not trainer.save_coordinator.save(
-            trainer,
-            self.store,
-            metrics={self.monitor: value},
-            extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
-        ):
-            return
+        # The new ranking goes into the checkpoint's own meta; it is undone if nothing is saved.
+        previous = (list(self.kept), self.best)
         self.kept.append((step, value))
         self.kept.sort(key=lambda sv: sv[1], reverse=self.mode == "max")
         del self.kept[self.max_to_keep :]
         self.best = self.kept[0][1]
+        # A resumed run re-evaluates steps whose checkpoint the killed run already wrote; the
+        # state is bitwise the same, so the one on disk stands.
+        if self.store.has_step(step):
+            return
+        saved = trainer.save_coordinator.save(
+            trainer,
+            self.store,
+            metrics={self.monitor: value},
+            extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
+        )
+        if not saved:
+            self.kept, self.best = previous
 
     def on_train_end(self, trainer) -> None:
         if not (self.restore_on_train_end and self.kept):

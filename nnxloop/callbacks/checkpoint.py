@@ -6,7 +6,8 @@ import logging
 import os
 
 from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.checkpointing import CheckpointStore, check_directory, restore_training
+from nnxloop.checkpointing import CheckpointStore, check_directory
+from nnxloop.training_checkpoint import restore_training
 from nnxloop.triggers import Trigger
 
 log = logging.getLogger("nnxloop")

@@ -1,0 +1,56 @@
+"""Checkpoint I/O: the one place that talks to orbax.
+
+A checkpoint is a plain orbax `CheckpointManager` step directory with three items:
+
+- `model`: the full `nnx.state(model)` (parameters, batch statistics, RNG state), readable with
+  plain orbax and `nnx.update`, no nnxloop needed;
+- `optimizer`: the `nnx.Optimizer` state (step count and optax state);
+- `meta`: JSON with the step, epoch, position in the epoch, data-iterator state, every
+  callback's `state_dict`, a fingerprint of the state's structure and the model's array shapes.
+
+Retention, atomic commits and background writing are orbax's; this package only decides which
+orbax options a directory gets and turns orbax's failures into errors that say what to do.
+`store` writes and restores; `reading` lists and describes without restoring arrays.
+"""
+
+from nnxloop.checkpointing.reading import (
+    COMPLETE,
+    INCOMPLETE,
+    UNREADABLE,
+    ArraySummary,
+    StepSummary,
+    best_step,
+    list_checkpoints,
+    read_step,
+)
+from nnxloop.checkpointing.store import (
+    META,
+    MODEL,
+    OPTIMIZER,
+    CheckpointError,
+    CheckpointStore,
+    check_directory,
+    compare_shapes,
+    fingerprint,
+    path_shapes,
+)
+
+__all__ = [
+    "COMPLETE",
+    "INCOMPLETE",
+    "META",
+    "MODEL",
+    "OPTIMIZER",
+    "ArraySummary",
+    "CheckpointError",
+    "CheckpointStore",
+    "StepSummary",
+    "UNREADABLE",
+    "best_step",
+    "check_directory",
+    "compare_shapes",
+    "fingerprint",
+    "list_checkpoints",
+    "path_shapes",
+    "read_step",
+]

@@ -1,0 +1,285 @@
+"""Reading a checkpoint directory without restoring arrays (for `nnxloop inspect`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from nnxloop.checkpointing.store import META, MODEL, OPTIMIZER, CheckpointError
+
+COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"
+
+# An interrupted save (orbax's temporary directory) and a step a resume moved aside.
+_NOT_COMMITTED = (
+    (re.compile(r"^(\d+)\.orbax-checkpoint-tmp"), INCOMPLETE),
+    (re.compile(r"^(\d+)\.unreadable-"), UNREADABLE),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSummary:
+    """One step directory of a checkpoint directory, as `list_checkpoints` finds it.
+
+    Attributes:
+        step: the training step.
+        name: the directory's name (`"12"`, or e.g. `"9.orbax-checkpoint-tmp-123"`).
+        status: `"complete"` (committed and its `meta` item reads), `"incomplete"` (a save
+            that never committed) or `"unreadable"` (moved aside by a resume, or its `meta`
+            item fails to read; `error` says why).
+        size_bytes: the size of the files under the step directory.
+        meta: the `meta` item, for complete steps written by nnxloop.
+        metrics: the metrics orbax saved with the step (best-k directories), if any.
+        error: why a committed step is unreadable.
+    """
+
+    step: int
+    name: str
+    status: str
+    size_bytes: int
+    meta: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySummary:
+    """Shape, dtype and sharding of one saved array, as recorded by the process that saved it."""
+
+    path: str
+    shape: tuple[int, ...] | None
+    dtype: str
+    sharding: str
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    # Never `create` (inspecting must not make directories) and never clean up temporary
+    # directories: they are what `list_checkpoints` reports as interrupted saves.
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            MODEL: ocp.StandardCheckpointHandler(),
+            OPTIMIZER: ocp.StandardCheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
+    )
+
+
+def _existing_directory(directory: str | os.PathLike) -> str:
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.exists(path):
+        raise CheckpointError(f"Checkpoint directory {path} does not exist.")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory.")
+    return path
+
+
+def _size_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed while we walk, e.g. by a running save
+                pass
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc}).") from exc
+
+
+def _not_a_checkpoint_directory(path: str) -> CheckpointError:
+    def holds_steps(sub: str) -> bool:
+        try:
+            return os.path.isdir(sub) and any(n.isdigit() for n in os.listdir(sub))
+        except OSError:
+            return False
+
+    below = sorted(n for n in _listdir(path) if holds_steps(os.path.join(path, n)))
+    hint = f"; these subdirectories hold checkpoints: {', '.join(below)}" if below else ""
+    return CheckpointError(
+        f"{path} is not a checkpoint directory (it has no step directories){hint}."
+    )
+
+
+def _uncommitted(path: str, committed: list[int]) -> list[tuple[int, str, str]]:
+    """`(step, name, status)` of the step directories orbax does not count as committed."""
+    found = []
+    for name in _listdir(path):
+        if not os.path.isdir(os.path.join(path, name)):
+            continue
+        if name.isdigit():
+            if int(name) not in committed:  # orbax saw no commit marker: interrupted too
+                found.append((int(name), name, INCOMPLETE))
+            continue
+        for pattern, status in _NOT_COMMITTED:
+            if match := pattern.match(name):
+                found.append((int(match.group(1)), name, status))
+    return found
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[StepSummary]:
+    """Every step directory in `directory`, committed or not, by step; no array is read.
+
+    Raises:
+        CheckpointError: `directory` does not exist, is a file, or holds no step directories.
+    """
+    path = _existing_directory(directory)
+    manager = _reader(path)
+    try:
+        committed = sorted(manager.all_steps())
+        others = _uncommitted(path, committed)
+        if not committed and not others:
+            raise _not_a_checkpoint_directory(path)
+        summaries = [
+            StepSummary(step, name, status, _size_bytes(os.path.join(path, name)))
+            for step, name, status in others
+        ]
+        summaries += [_summarise_step(manager, path, step) for step in committed]
+    finally:
+        manager.close()
+    return sorted(summaries, key=lambda s: (s.step, s.status != COMPLETE, s.name))
+
+
+def _summarise_step(manager: ocp.CheckpointManager, path: str, step: int) -> StepSummary:
+    name = str(step)
+    size = _size_bytes(os.path.join(path, name))
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        meta = dict(meta[META])
+    except KeyError:  # no `meta` item: a plain orbax checkpoint, not nnxloop's
+        meta = None
+    except Exception as exc:  # orbax raises many types for damaged files
+        return StepSummary(step, name, UNREADABLE, size, error=_first_line(exc))
+    try:
+        metrics = manager.metrics(step)
+    except Exception:  # metrics are an extra; a damaged file must not hide the step
+        metrics = None
+    return StepSummary(step, name, COMPLETE, size, meta=meta, metrics=metrics and dict(metrics))
+
+
+def best_step(summaries: list[StepSummary]) -> int | None:
+    """The step `BestModelCallback` ranks best (its `meta["best"]` record), or None.
+
+    NaN and infinite values never rank; ties go to the earlier step.
+    """
+    ranked = []
+    for s in summaries:
+        best = (s.meta or {}).get("best") if s.status == COMPLETE else None
+        if best is None:
+            continue
+        value = float(best["value"])
+        if math.isfinite(value):
+            ranked.append((value if best["mode"] == "min" else -value, s.step))
+    return min(ranked)[1] if ranked else None
+
+
+def _describe_sharding(sharding: Any) -> str:
+    if sharding is None:
+        return "-"
+    if isinstance(sharding, ocp.metadata.NamedShardingMetadata):
+        mesh = ", ".join(
+            f"{axis}={int(size)}" for axis, size in zip(sharding.axis_names, sharding.shape)
+        )
+        spec = tuple(sharding.partition_spec)
+        if all(entry is None for entry in spec):
+            return f"replicated, mesh({mesh})"
+        entries = ", ".join(
+            "None" if entry is None else repr(tuple(entry) if isinstance(entry, list) else entry)
+            for entry in spec
+        )
+        return f"P({entries}), mesh({mesh})"
+    if isinstance(sharding, ocp.metadata.SingleDeviceShardingMetadata):
+        return f"device {sharding.device_str}"
+    return repr(sharding)
+
+
+def _dtype_name(dtype: Any) -> str:
+    if dtype is None:
+        return "-"
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def _array_summary(key_path: Any, leaf: Any) -> ArraySummary:
+    # Array and scalar leaves carry shape, dtype and sharding; strings and others do not.
+    shape = getattr(leaf, "shape", None)
+    return ArraySummary(
+        path=jax.tree_util.keystr(key_path),
+        shape=None if shape is None else tuple(int(d) for d in shape),
+        dtype=_dtype_name(getattr(leaf, "dtype", None)),
+        sharding=_describe_sharding(getattr(leaf, "sharding", None)),
+    )
+
+
+def read_step(
+    directory: str | os.PathLike, step: int
+) -> tuple[dict[str, list[ArraySummary]], dict[str, Any] | None]:
+    """The saved arrays' metadata and the `meta` item of one committed step.
+
+    Only metadata files are read: no array is restored, so this works whatever devices (or
+    how many) the checkpoint was written with.
+
+    Returns:
+        `({"model": [...], "optimizer": [...]}, meta)`; `meta` is None for a plain orbax
+        checkpoint without nnxloop's `meta` item.
+
+    Raises:
+        CheckpointError: no such directory or step, or the step's metadata cannot be read.
+    """
+    path = _existing_directory(directory)
+    manager = _reader(path)
+    try:
+        steps = sorted(manager.all_steps())
+        if step not in steps:
+            if not steps:
+                raise _not_a_checkpoint_directory(path)
+            why = "".join(
+                f" ({name} is {status})"
+                for s, name, status in _uncommitted(path, steps)
+                if s == step
+            )
+            raise CheckpointError(
+                f"No complete checkpoint of step {step} in {path}{why}; it has steps "
+                f"{', '.join(map(str, steps))}."
+            )
+        try:
+            items = manager.metadata(step).item_metadata
+            arrays = {}
+            for item in (MODEL, OPTIMIZER):
+                if item not in items or items[item] is None:
+                    continue
+                arrays[item] = [
+                    _array_summary(key_path, leaf)
+                    for key_path, leaf in jax.tree_util.tree_flatten_with_path(items[item])[0]
+                ]
+            summary = _summarise_step(manager, path, step)
+        except Exception as exc:  # orbax raises many types for damaged files
+            raise CheckpointError(
+                f"Checkpoint step {step} in {path} is unreadable ({_first_line(exc)})."
+            ) from exc
+        if summary.status == UNREADABLE:
+            raise CheckpointError(
+                f"Checkpoint step {step} in {path} is unreadable ({summary.error})."
+            )
+    finally:
+        manager.close()
+    return arrays, summary.meta

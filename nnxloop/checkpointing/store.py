@@ -1,0 +1,217 @@
+"""Writing and restoring checkpoints through an orbax `CheckpointManager`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger("nnxloop")
+
+MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and why."""
+
+
+def check_directory(directory: str, *, what: str) -> str:
+    """Creates `directory` if needed and checks that files can be written in it.
+
+    Raises:
+        CheckpointError: the path is a file, or the directory cannot be created or written.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a file, not a directory; pass a directory path.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".nnxloop-write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{what} {path} cannot be written ({exc.strerror or exc}); pass a writable directory."
+        ) from exc
+    return path
+
+
+def path_shapes(tree: Any) -> dict[str, tuple[list[int], str]]:
+    """`{leaf path: (shape, dtype)}` of a state tree, the form stored in `meta`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[jax.tree_util.keystr(path)] = (list(np.shape(leaf)), str(leaf.dtype))
+    return out
+
+
+def fingerprint(shapes: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compare_shapes(saved: dict[str, Any], target: dict[str, Any], *, where: str) -> None:
+    """Raises a `CheckpointError` naming the first leaf whose path or shape differs."""
+    for path, (shape, _dtype) in target.items():
+        if path not in saved:
+            raise CheckpointError(
+                f"{where} has no array for {path} (target shape {tuple(shape)}); the checkpoint "
+                "was written by a model with a different structure."
+            )
+        saved_shape, _ = saved[path]
+        if list(saved_shape) != list(shape):
+            raise CheckpointError(
+                f"{where}: leaf {path} has shape {tuple(saved_shape)} in the checkpoint but "
+                f"{tuple(shape)} in the target model; build the model with the same sizes."
+            )
+    extra = sorted(set(saved) - set(target))
+    if extra:
+        raise CheckpointError(
+            f"{where} holds arrays the target model lacks, e.g. {extra[0]}; the checkpoint was "
+            "written by a model with a different structure."
+        )
+
+
+def _finite_key(metric: str, mode: str) -> Callable[[dict[str, float]], float]:
+    worst = math.inf if mode == "min" else -math.inf
+
+    def key(metrics: dict[str, float]) -> float:
+        value = float(metrics.get(metric, worst))
+        return value if math.isfinite(value) else worst  # NaN never ranks as best
+
+    return key
+
+
+class CheckpointStore:
+    """One checkpoint directory, through an orbax `CheckpointManager`.
+
+    Args:
+        directory: where the step directories live.
+        max_to_keep: newest checkpoints to keep (or, with `best_metric`, best ones to keep).
+        keep_every_steps: also keep every checkpoint whose step is a multiple of this.
+        best_metric: rank by this metric (passed to `save`) instead of by recency.
+        best_mode: `"min"` or `"max"`, how `best_metric` ranks.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int | None = None,
+        keep_every_steps: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep = max_to_keep
+        self.keep_every_steps = keep_every_steps
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._manager: ocp.CheckpointManager | None = None
+        self._manager_async: bool | None = None
+
+    def _options(self, async_: bool) -> ocp.CheckpointManagerOptions:
+        kwargs: dict[str, Any] = dict(
+            max_to_keep=self.max_to_keep,
+            keep_period=self.keep_every_steps,
+            enable_async_checkpointing=async_,
+            create=True,
+        )
+        if self.best_metric is not None:
+            # best_fn also makes orbax persist the metrics, so ranking survives a restart.
+            kwargs.update(
+                best_fn=_finite_key(self.best_metric, self.best_mode),
+                best_mode=self.best_mode,
+                keep_checkpoints_without_metrics=False,
+            )
+        return ocp.CheckpointManagerOptions(**kwargs)
+
+    def manager(self, *, async_: bool = False) -> ocp.CheckpointManager:
+        if self._manager is None or self._manager_async != async_:
+            self.close()
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options(async_))
+            self._manager_async = async_
+        return self._manager
+
+    def steps(self) -> list[int]:
+        """Committed steps in the directory, oldest first (incomplete saves are not listed)."""
+        if not os.path.isdir(self.directory):
+            return []
+        manager = self.manager(async_=bool(self._manager_async))
+        manager.reload()
+        return sorted(manager.all_steps())
+
+    def has_step(self, step: int) -> bool:
+        """Whether a committed checkpoint of `step` is on disk (no orbax state is touched)."""
+        return os.path.isdir(os.path.join(self.directory, str(step)))
+
+    def save(
+        self,
+        step: int,
+        state: nnx.State,
+        meta: dict[str, Any],
+        *,
+        metrics: dict[str, float] | None = None,
+        async_: bool = False,
+    ) -> bool:
+        """Saves the `(model, optimizer)` state tree at `step`; False if that step exists."""
+        manager = self.manager(async_=async_)
+        if step in manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            **{
+                MODEL: ocp.args.StandardSave(state[0]),
+                OPTIMIZER: ocp.args.StandardSave(state[1]),
+                META: ocp.args.JsonSave(meta),
+            }
+        )
+        return bool(manager.save(step, args=args, metrics=metrics, force=True))
+
+    def is_saving(self) -> bool:
+        return self._manager is not None and self._manager.is_saving_in_progress()
+
+    def wait(self) -> None:
+        """Blocks until background saves are done; re-raises a background failure."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.close()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        restored = self.manager(async_=bool(self._manager_async)).restore(
+            step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+        )
+        return dict(restored[META])
+
+    def restore(
+        self, step: int, abstract_model: Any, abstract_optimizer: Any = None
+    ) -> tuple[Any, Any]:
+        """Restores the model (and, when given a target for it, optimizer) state of `step`
+        into the shapes and shardings of the abstract targets."""
+        manager = self.manager(async_=bool(self._manager_async))
+        args = {MODEL: ocp.args.StandardRestore(abstract_model)}
+        if abstract_optimizer is not None:
+            args[OPTIMIZER] = ocp.args.StandardRestore(abstract_optimizer)
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
+        return restored[MODEL], optimizer
+
+    def quarantine(self, step: int) -> str:
+        """Renames an unreadable step aside (orbax then ignores it); nothing is deleted."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable-{time.time_ns()}"
+        os.rename(src, dst)
+        self.manager(async_=bool(self._manager_async)).reload()
+        return dst

@@ -1,0 +1,209 @@
+"""What a training checkpoint holds, restoring a trainer from one, and coordinating saves.
+
+The orbax side lives in `nnxloop.checkpointing`; this module knows about the trainer.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from nnxloop.trainer import Trainer
+
+from nnxloop.checkpointing import (
+    CheckpointError,
+    CheckpointStore,
+    compare_shapes,
+    fingerprint,
+    path_shapes,
+)
+
+log = logging.getLogger("nnxloop")
+
+
+def all_finite(leaves: list[jax.Array]) -> bool:
+    """True when every floating-point leaf is finite (one small device reduction)."""
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return True
+    return bool(_all_finite(floats))
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _callback_key(index: int, callback: Any) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
+def training_meta(trainer: Trainer) -> dict[str, Any]:
+    """The JSON item of a training checkpoint for the trainer's current state."""
+    engine = trainer.engine
+    shapes = path_shapes(engine.state()[0])
+    # Each process has its own iterator but orbax writes the JSON item from process 0 only,
+    # so with several processes a resume skips to the position instead.
+    data_state = trainer.data_state() if jax.process_count() == 1 else None
+    try:
+        json.dumps(data_state)
+    except TypeError:
+        log.warning("The data iterator's state is not JSON-serialisable; it is not checkpointed.")
+        data_state = None
+    return {
+        "step": trainer.step,
+        "epoch": trainer.epoch,
+        "position": trainer.position,
+        "data_state": data_state,
+        "callbacks": {
+            _callback_key(i, cb): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
+        },
+        "fingerprint": fingerprint(path_shapes(engine.state())),
+        "model_shapes": shapes,
+        "device_count": jax.device_count(),
+        "steps_per_dispatch": trainer.steps_per_dispatch,
+        "time": time.time(),
+        "nnxloop_version": _version(),
+    }
+
+
+def _version() -> str:
+    from nnxloop import __version__
+
+    return __version__
+
+
+def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
+    """Restores the newest readable checkpoint of `store` into `trainer`; returns its step.
+
+    A checkpoint that fails to read is renamed aside with a warning naming its step, and the
+    next older one is tried, so a damaged newest checkpoint never blocks a restart.
+    """
+    engine = trainer.engine
+    abstract = engine.abstract_state()
+    model_shapes = path_shapes(abstract[0])
+    expected = fingerprint(path_shapes(abstract))
+    for step in reversed(store.steps()):
+        try:
+            meta = store.read_meta(step)
+            if meta.get("fingerprint") != expected:
+                where = f"The checkpoint at step {step} in {store.directory}"
+                compare_shapes(meta.get("model_shapes", {}), model_shapes, where=where)
+                raise CheckpointError(
+                    f"{where} holds an optimizer state of another structure; resume with the "
+                    "optimizer it was written with, or start in a new directory."
+                )
+            model_state, opt_state = store.restore(step, abstract[0], abstract[1])
+        except (CheckpointError, MemoryError):
+            raise  # not damage: moving the checkpoint aside would not help
+        except Exception as exc:  # orbax raises many types for damaged files
+            moved = store.quarantine(step)
+            log.warning(
+                "Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
+                "the previous one.",
+                step,
+                store.directory,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                moved,
+            )
+            continue
+        engine.set_leaves(jax.tree.leaves(model_state) + jax.tree.leaves(opt_state))
+        trainer.restore_progress(
+            step=meta["step"],
+            epoch=meta["epoch"],
+            position=meta["position"],
+            data_state=meta.get("data_state"),
+        )
+        states = meta.get("callbacks", {})
+        for i, cb in enumerate(trainer.callbacks):
+            key = _callback_key(i, cb)
+            if key in states:
+                cb.load_state_dict(states[key])
+        return step
+    return None
+
+
+class SaveCoordinator:
+    """Every checkpoint save of one trainer goes through here.
+
+    It refuses to write a state with non-finite values, and, once `AsyncSaveCallback` turns
+    asynchronous saving on, bounds the saves in flight and re-raises a background failure in
+    the training thread, naming the step.
+    """
+
+    def __init__(self) -> None:
+        self.async_enabled = False
+        self.max_in_flight = 1
+        self._pending: collections.deque[tuple[CheckpointStore, int]] = collections.deque()
+
+    def reset(self) -> None:
+        self.async_enabled = False
+        self.max_in_flight = 1
+
+    def enable_async(self, max_in_flight: int) -> None:
+        self.async_enabled = True
+        self.max_in_flight = max_in_flight
+
+    def save(
+        self,
+        trainer: Trainer,
+        store: CheckpointStore,
+        *,
+        metrics: dict[str, float] | None = None,
+        extra_meta: dict[str, Any] | None = None,
+    ) -> bool:
+        """Saves the trainer's current state to `store`; False if skipped (exists, non-finite)."""
+        self.poll()
+        step = trainer.step
+        if not all_finite(trainer.engine.leaves):
+            log.warning(
+                "Not saving step %d to %s: the model or optimizer state has non-finite values.",
+                step,
+                store.directory,
+            )
+            return False
+        meta = training_meta(trainer)
+        if extra_meta:
+            meta.update(extra_meta)
+        if self.async_enabled:
+            while len(self._pending) >= self.max_in_flight:
+                self._finish(*self._pending.popleft())
+        saved = store.save(
+            step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
+        )
+        if saved and self.async_enabled:
+            self._pending.append((store, step))
+        return saved
+
+    def _finish(self, store: CheckpointStore, step: int) -> None:
+        try:
+            store.wait()
+        except Exception as exc:
+            raise CheckpointError(
+                f"Saving the checkpoint of step {step} to {store.directory} failed in the "
+                f"background: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def poll(self) -> None:
+        """Raises the error of any background save that has finished with one."""
+        while self._pending and not self._pending[0][0].is_saving():
+            self._finish(*self._pending.popleft())
+
+    def wait_all(self) -> None:
+        """Waits for every pending save; raises the first failure after waiting for all."""
+        error = None
+        while self._pending:
+            try:
+                self._finish(*self._pending.popleft())
+            except CheckpointError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
