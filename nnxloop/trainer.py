@@ -39,6 +39,17 @@ def split_loss(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     return out, {}
 
 
+def _take(iterator, n: int) -> list[Any]:
+    """Up to `n` next items of `iterator` (fewer at its end)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out
+
+
 def _overrides(obj: Any, name: str) -> bool:
     return getattr(type(obj), name) is not getattr(Trainer, name)
 
@@ -417,16 +428,18 @@ class Trainer:
         self._iterator = iterator = self._open_epoch(train_data)
         k = self.steps_per_dispatch
         saw_batch = self.position > 0
+
+        def evaluate(step):
+            if eval_every_steps is not None and step % eval_every_steps == 0:
+                self._evaluate_in_fit(val_data)
+
         while True:
             if self.stop_training or (max_steps is not None and self.step >= max_steps):
                 return False
             wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
-            batches = []
-            for _ in range(wanted):
-                try:
-                    batches.append(next(iterator))
-                except StopIteration:
-                    break
+            # Batches are pulled only as they are used, so the iterator's position (and its
+            # checkpointed state) always matches the steps done.
+            batches = _take(iterator, k if wanted == k else 1)
             if not batches:
                 if not saw_batch:
                     raise ValueError(
@@ -435,34 +448,32 @@ class Trainer:
                     )
                 return True
             saw_batch = True
-
-            def evaluate(step):
-                if eval_every_steps is not None and step % eval_every_steps == 0:
-                    self._evaluate_in_fit(val_data)
-
             sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
             if self._acc is None:
                 self._acc = self._engine.zero_accumulator(batches[0])
-            if len(batches) == k and k > 1:
+            if len(batches) > 1 and len(batches) == k:
                 stacked = data_lib.prepare(data_lib.stack(batches), self.mesh, stacked=True)
                 self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
                 self.last_metrics = metrics
                 self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
             else:
+                # A single step, or the last few batches of an epoch (fewer than K), which
+                # are already pulled and so run to their end as one dispatch.
                 for batch, size in zip(batches, sizes):
                     batch = data_lib.prepare(batch, self.mesh)
                     self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
                     self.last_metrics = metrics
                     self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
-            if self.step // FOLD_EVERY != (self.step - len(batches)) // FOLD_EVERY:
-                self._fold_metrics()
-            self._boundaries += 1
-            if self._preemption.should_stop(self._boundaries):
-                self.preempted = self.history.preempted = True
-                self.stop_training = True
-                log.warning(
-                    "Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step
-                )
+            self._end_dispatch(len(batches))
+
+    def _end_dispatch(self, steps: int) -> None:
+        if self.step // FOLD_EVERY != (self.step - steps) // FOLD_EVERY:
+            self._fold_metrics()
+        self._boundaries += 1
+        if self._preemption.should_stop(self._boundaries):
+            self.preempted = self.history.preempted = True
+            self.stop_training = True
+            log.warning("Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step)
 
     def _after_steps(self, metrics, sizes, *, stacked: bool, evaluate) -> None:
         """Advances the counters over a dispatch's steps and sends `on_step_end` for each.
