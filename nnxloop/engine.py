@@ -24,14 +24,16 @@ Metrics = dict[str, jax.Array]
 def place(leaf: Any, sharding: NamedSharding, *, copy: bool = True) -> jax.Array:
     """`leaf` laid out with `sharding` (also across processes, also for PRNG keys).
 
-    With `copy`, never aliases `leaf`: donating the engine's buffers must not invalidate
-    arrays a user still holds.
+    With `copy`, the result never shares a buffer with `leaf`: donating the engine's buffers
+    must not delete arrays a user still holds. (`device_put(..., may_alias=False)` is not
+    enough: over several devices it can still reuse the source buffer for one shard.)
     """
-    may_alias = False if copy else None
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        data = jax.device_put(jax.random.key_data(leaf), sharding, may_alias=may_alias)
+        data = place(jax.random.key_data(leaf), sharding, copy=copy)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-    return jax.device_put(leaf, sharding, may_alias=may_alias)
+    if copy:
+        leaf = jnp.array(leaf, copy=True)
+    return jax.device_put(leaf, sharding)
 
 
 def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:

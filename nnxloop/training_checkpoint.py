@@ -5,6 +5,7 @@ The orbax side lives in `nnxloop.checkpointing`; this module knows about the tra
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
@@ -45,18 +46,35 @@ def _callback_key(index: int, callback: Any) -> str:
     return f"{index}:{type(callback).__name__}"
 
 
+def _encode(data_state: Any) -> Any:
+    """The data iterator's state as JSON (grain's loaders give bytes: stored as base64)."""
+    if isinstance(data_state, bytes):
+        return {"base64": base64.b64encode(data_state).decode("ascii")}
+    try:
+        json.dumps(data_state)
+    except TypeError:
+        log.warning(
+            "The data iterator's state (%s) is not JSON-serialisable; it is not checkpointed, "
+            "and a resume skips to the position by iterating.",
+            type(data_state).__name__,
+        )
+        return None
+    return data_state
+
+
+def _decode(data_state: Any) -> Any:
+    if isinstance(data_state, dict) and set(data_state) == {"base64"}:
+        return base64.b64decode(data_state["base64"])
+    return data_state
+
+
 def training_meta(trainer: Trainer) -> dict[str, Any]:
     """The JSON item of a training checkpoint for the trainer's current state."""
     engine = trainer.engine
     shapes = path_shapes(engine.state()[0])
     # Each process has its own iterator but orbax writes the JSON item from process 0 only,
     # so with several processes a resume skips to the position instead.
-    data_state = trainer.data_state() if jax.process_count() == 1 else None
-    try:
-        json.dumps(data_state)
-    except TypeError:
-        log.warning("The data iterator's state is not JSON-serialisable; it is not checkpointed.")
-        data_state = None
+    data_state = _encode(trainer.data_state()) if jax.process_count() == 1 else None
     return {
         "step": trainer.step,
         "epoch": trainer.epoch,
@@ -120,7 +138,7 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
             step=meta["step"],
             epoch=meta["epoch"],
             position=meta["position"],
-            data_state=meta.get("data_state"),
+            data_state=_decode(meta.get("data_state")),
         )
         states = meta.get("callbacks", {})
         for i, cb in enumerate(trainer.callbacks):

@@ -38,13 +38,19 @@ class MetricWriter:
 
 
 class TensorBoardWriter(MetricWriter):
-    """TensorBoard event files under `logdir`, through tensorboardX (no TensorFlow needed)."""
+    """TensorBoard event files under `logdir`, through tensorboardX (no TensorFlow needed).
 
-    def __init__(self, logdir: str):
+    Args:
+        logdir: the directory for the event files.
+        purge_step: TensorBoard hides points at this step and later written by earlier runs in
+            `logdir` (a resumed run passes the first step it will write).
+    """
+
+    def __init__(self, logdir: str, *, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.logdir = logdir
-        self._writer = SummaryWriter(logdir)
+        self._writer = SummaryWriter(logdir, purge_step=purge_step)
 
     def write_scalars(self, step, scalars):
         for name, value in scalars.items():

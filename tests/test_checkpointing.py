@@ -287,3 +287,42 @@ def test_bad_trigger_values():
         nl.CheckpointCallback("x", max_to_keep=0)
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         nl.BestModelCallback("x", mode="auto")
+
+
+def test_resume_false_refuses_a_directory_with_checkpoints(tmp_path):
+    fit([nl.CheckpointCallback(tmp_path, every_steps=4)], max_steps=4, val=False)
+    with pytest.raises(nl.CheckpointError, match=r"already holds checkpoints \(steps \[4\]\)"):
+        fit([nl.CheckpointCallback(tmp_path, resume=False)], max_steps=4, val=False)
+    assert steps_in(tmp_path) == [4]
+
+
+def test_grain_loader_state_resumes_in_place(tmp_path, caplog):
+    import grain
+
+    source = [{"x": b["x"][i], "y": b["y"][i]} for b in make_batches(4) for i in range(16)]
+
+    def loader():
+        return grain.DataLoader(
+            data_source=source,
+            sampler=grain.samplers.IndexSampler(len(source), shuffle=True, seed=0, num_epochs=1),
+            operations=[grain.transforms.Batch(8, drop_remainder=True)],
+            worker_count=0,
+        )
+
+    def run(directory, max_steps):
+        trainer = nl.Trainer(
+            make_model(),
+            tx(),
+            loss_fn=loss_fn,
+            callbacks=[nl.CheckpointCallback(directory, every_steps=3)],
+        )
+        trainer.fit(loader(), max_steps=max_steps)
+        return leaves_of(trainer.model)
+
+    reference = run(tmp_path / "a", 7)
+    run(tmp_path / "b", 3)
+    with caplog.at_level(logging.INFO, logger="nnxloop"):
+        resumed = run(tmp_path / "b", 7)
+    assert "skipped" not in caplog.text  # the loader's own state put it in place
+    for a, b in zip(resumed, reference):
+        np.testing.assert_array_equal(a, b)

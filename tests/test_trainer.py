@@ -187,3 +187,12 @@ def test_optax_chain_schedule_and_multisteps(batches):
         trainer = nl.Trainer(make_model(), opt, loss_fn=loss_fn)
         trainer.fit(batches, max_steps=4)
         assert trainer.step == 4
+
+
+def test_arrays_the_user_holds_survive_fit(batches):
+    model = make_model()
+    kernel, key = model.l1.kernel[...], model.drop.rngs.key[...]
+    trainer = nl.Trainer(model, tx(), loss_fn=loss_fn)  # 4 devices: state is copied, sharded
+    trainer.fit(batches, max_steps=3)
+    assert not kernel.is_deleted() and not key.is_deleted()
+    np.asarray(kernel)

@@ -6,7 +6,7 @@ import logging
 import os
 
 from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.checkpointing import CheckpointStore, check_directory
+from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory
 from nnxloop.training_checkpoint import restore_training
 from nnxloop.triggers import Trigger
 
@@ -31,7 +31,9 @@ class CheckpointCallback(Callback):
         every_secs: save at the first step boundary after this many seconds since the last save.
         max_to_keep: how many of the newest checkpoints to keep.
         keep_every_steps: also keep, forever, the checkpoints whose step is a multiple of this.
-        resume: restore the newest complete checkpoint in `directory` when `fit` starts.
+        resume: restore the newest complete checkpoint in `directory` when `fit` starts. With
+            False, the directory must hold no checkpoints (an error says so), so a new run
+            never mixes with an old one.
 
     With no trigger given, saves at each epoch end, or every 1000 steps when `fit` is given
     `max_steps` instead of `epochs`.
@@ -79,6 +81,12 @@ class CheckpointCallback(Callback):
                 every_epochs=None if by_steps else 1,
             )
         self.trigger.fired()
+        if not self.resume and self.store.steps():
+            raise CheckpointError(
+                f"Checkpoint directory {self.store.directory} already holds checkpoints (steps "
+                f"{self.store.steps()}) and resume=False: use an empty directory for a new run, "
+                "or resume=True to continue that one."
+            )
         if self.resume:
             self.restored_step = restore_training(trainer, self.store)
             if self.restored_step is not None:

@@ -38,7 +38,8 @@ class MetricsLogger(Callback):
     Args:
         logdir: the directory for the event files and `metrics.jsonl`.
         every_steps: how often to write training metrics.
-        learning_rate: a schedule (`step -> lr`) or a float to log as `learning_rate`. Not
+        learning_rate: a schedule (`count -> lr`, as given to optax) or a float to log as
+            `learning_rate` (the rate the last update used). Not
             needed when the optimizer was built with `optax.inject_hyperparams`, whose state
             holds the current value.
         hparams: extra hyper-parameters to record with the run's own.
@@ -69,7 +70,7 @@ class MetricsLogger(Callback):
     def _make_writer(self, resume_step: int) -> MetricWriter:
         return MultiWriter(
             [
-                TensorBoardWriter(self.logdir),
+                TensorBoardWriter(self.logdir, purge_step=resume_step + 1),
                 JsonlWriter(os.path.join(self.logdir, "metrics.jsonl"), resume_step=resume_step),
             ]
         )
@@ -142,8 +143,10 @@ class MetricsLogger(Callback):
             writer.write_scalars(step, scalars)
 
     def _learning_rate(self, trainer, step: int) -> float | None:
+        # The rate the last update used: the schedule's count was step - 1 for it, as it is
+        # in `optax.inject_hyperparams` state after that update.
         if callable(self.learning_rate):
-            return float(self.learning_rate(step))
+            return float(self.learning_rate(step - 1))
         if self.learning_rate is not None:
             return float(self.learning_rate)
         injected = injected_learning_rate(trainer)
