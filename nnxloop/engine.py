@@ -31,9 +31,9 @@ def place(leaf: Any, sharding: NamedSharding, *, copy: bool = True) -> jax.Array
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         data = place(jax.random.key_data(leaf), sharding, copy=copy)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-    if copy:
-        leaf = jnp.array(leaf, copy=True)
-    return jax.device_put(leaf, sharding)
+    placed = jax.device_put(leaf, sharding)
+    # Copied once on the mesh's own devices, so the copy is valid in any mesh context.
+    return jnp.array(placed, copy=True) if copy else placed
 
 
 def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:

@@ -142,4 +142,8 @@ def test_a_dead_process_makes_the_other_fail_fast(tmp_path):
         finish(procs, timeout=30)
     assert procs[0].returncode != 0
     assert elapsed < 30  # heartbeat timeout is 5 s in the script; no hang
-    assert "Task 1" in out or "Connection closed by peer" in out
+    # Which message comes first depends on timing: the collective's own failure, or JAX's
+    # coordination service naming the lost task after its heartbeat timeout.
+    assert any(
+        sign in out for sign in ("Task 1 heartbeat timeout", "another task died", "closed by peer")
+    ), out[-3000:]

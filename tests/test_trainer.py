@@ -196,3 +196,14 @@ def test_arrays_the_user_holds_survive_fit(batches):
     trainer.fit(batches, max_steps=3)
     assert not kernel.is_deleted() and not key.is_deleted()
     np.asarray(kernel)
+
+
+def test_model_committed_to_one_device_trains_on_the_mesh(batches):
+    model = make_model()
+    # as a model loaded from disk or moved by hand would be: its arrays committed to device 0
+    nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), nnx.state(model)))
+    kernel = model.l1.kernel[...]
+    assert kernel.committed
+    trainer = nl.Trainer(model, tx(), loss_fn=loss_fn)
+    trainer.fit(batches, max_steps=2)
+    assert trainer.step == 2 and not kernel.is_deleted()
