@@ -1,0 +1,52 @@
+"""The benchmark scripts run in --quick mode (in subprocesses, each with its own devices)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(args: list[str]) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_quick():
+    out = run([str(BENCHMARKS / "bench_step.py"), "--quick"])
+    assert "784-32-32-10 b32" in out
+    assert "nnxloop K=8" in out
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_quick_reports_every_row_and_cleans_up(tmp_path):
+    out = run([str(BENCHMARKS / "bench_checkpoint.py"), "--quick", "--dir", str(tmp_path)])
+    for row in ("sync save, blocked", "async save, until on disk", "resumed fit", "dd conv"):
+        assert row in out
+    assert "async saving / no saving" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bench_peers_quick_skips_the_peers_that_are_missing():
+    # As in CI, which installs only the test extra: importing a peer fails.
+    code = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "sys.modules.update(keras=None, torch=None, lightning=None)\n"
+        f"sys.argv = [{str(BENCHMARKS / 'bench_peers.py')!r}, '--quick']\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    out = run(["-c", code])
+    assert "flax @nnx.jit" in out
+    for peer in ("keras", "torch", "lightning"):
+        assert f"{peer:18s} skipped: not installed" in out
