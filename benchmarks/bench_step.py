@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,6 +137,7 @@ def main(argv=None):
                 f"  {label:18s} {med:9.1f} steps/s  [{min(values):.1f}-{max(values):.1f}]"
                 f"  {med / base:5.2f}x"
             )
+    shutil.rmtree(logdir)
     return results
 
 

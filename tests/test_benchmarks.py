@@ -20,14 +20,14 @@ def run(args: list[str]) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_bench_step_quick():
     out = run([str(BENCHMARKS / "bench_step.py"), "--quick"])
     assert "784-32-32-10 b32" in out
     assert "nnxloop K=8" in out
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_bench_checkpoint_quick_reports_every_row_and_cleans_up(tmp_path):
     out = run([str(BENCHMARKS / "bench_checkpoint.py"), "--quick", "--dir", str(tmp_path)])
     for row in ("sync save, blocked", "async save, until on disk", "resumed fit", "dd conv"):
@@ -36,7 +36,7 @@ def test_bench_checkpoint_quick_reports_every_row_and_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_bench_peers_quick_skips_the_peers_that_are_missing():
     # As in CI, which installs only the test extra: importing a peer fails.
     code = (

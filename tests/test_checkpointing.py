@@ -294,6 +294,11 @@ def test_resume_false_refuses_a_directory_with_checkpoints(tmp_path):
     with pytest.raises(nl.CheckpointError, match=r"already holds checkpoints \(steps \[4\]\)"):
         fit([nl.CheckpointCallback(tmp_path, resume=False)], max_steps=4, val=False)
     assert steps_in(tmp_path) == [4]
+    # a second fit of the same trainer continues its own run in its own directory
+    fresh = nl.CheckpointCallback(tmp_path / "fresh", every_steps=2, resume=False)
+    trainer, _ = fit([fresh], max_steps=2, val=False)
+    trainer.fit(make_batches(), max_steps=4)
+    assert steps_in(tmp_path / "fresh") == [2, 4]
 
 
 def test_grain_loader_state_resumes_in_place(tmp_path, caplog):

@@ -98,7 +98,7 @@ def test_char_lm_trains_with_async_checkpoints_and_logs(tmp_path):
     assert (tmp_path / "logs" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_resume_after_preemption_is_bitwise(tmp_path):
     example = load("resume_after_preemption")
     assert example.main(["--workdir", str(tmp_path), "--epochs", "2", "--stop-at", "10"])

@@ -67,6 +67,7 @@ class CheckpointCallback(Callback):
         )
         self.resume = resume
         self.restored_step: int | None = None
+        self._started = False
 
     @property
     def directory(self) -> str:
@@ -81,12 +82,14 @@ class CheckpointCallback(Callback):
                 every_epochs=None if by_steps else 1,
             )
         self.trigger.fired()
-        if not self.resume and self.store.steps():
+        # Checked once: a later fit of the same run finds this callback's own checkpoints.
+        if not self.resume and not self._started and self.store.steps():
             raise CheckpointError(
                 f"Checkpoint directory {self.store.directory} already holds checkpoints (steps "
                 f"{self.store.steps()}) and resume=False: use an empty directory for a new run, "
                 "or resume=True to continue that one."
             )
+        self._started = True
         if self.resume:
             self.restored_step = restore_training(trainer, self.store)
             if self.restored_step is not None:
