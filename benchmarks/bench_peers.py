@@ -24,7 +24,6 @@ import functools
 import itertools
 import logging
 import os
-import statistics
 import time
 import warnings
 
@@ -33,7 +32,7 @@ os.environ["KERAS_BACKEND"] = "jax"  # read when keras is first imported
 import jax  # noqa: E402
 import optax  # noqa: E402
 from bench_step import MLP, hand_written, loss_fn, make_batches, trainer_loop  # noqa: E402
-from common import machine_line, spread, versions_line  # noqa: E402
+from common import compare, machine_line, versions_line  # noqa: E402
 from flax import nnx  # noqa: E402
 
 try:
@@ -215,16 +214,10 @@ def main(argv=None):
     for name, sizes, batch, steps, distinct in configs:
         batches = make_batches(sizes[0], batch, n=distinct)
         runs, skipped = contenders(sizes, batches, steps)
-        samples = {label: [] for label in runs}
-        for _ in range(repeats):  # interleaved, so drift hits every contender alike
-            for label, fn in runs.items():
-                samples[label].append(fn())
-        base = statistics.median(samples["hand-written jit"])
-        print(f"\n{name} ({steps} steps, {repeats} repeats)")
-        for label, values in samples.items():
-            med = statistics.median(values)
-            results[(name, label)] = med / base
-            print(f"  {label:18s} {spread(values, '.1f'):>26s} steps/s  {med / base:5.2f}x")
+        for label, ratio in compare(
+            name, runs, repeats=repeats, steps=steps, base="hand-written jit"
+        ).items():
+            results[(name, label)] = ratio
         for peer in skipped:
             print(f"  {peer:18s} skipped: not installed (pip install -e '.[bench]')")
     return results

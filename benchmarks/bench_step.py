@@ -14,13 +14,13 @@ import argparse
 import functools
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 
 import jax
 import numpy as np
 import optax
+from common import compare
 from flax import nnx
 
 import nnxloop as nl
@@ -124,19 +124,10 @@ def main(argv=None):
             "nnxloop K=1": functools.partial(trainer_loop, sizes, batches, steps, 1, logdir),
             "nnxloop K=8": functools.partial(trainer_loop, sizes, batches, steps, 8, logdir),
         }
-        samples = {label: [] for label in runs}
-        for _ in range(repeats):  # interleaved, so drift hits every contender alike
-            for label, fn in runs.items():
-                samples[label].append(fn())
-        base = statistics.median(samples["hand-written jit"])
-        print(f"\n{name} ({steps} steps, {repeats} repeats)")
-        for label, values in samples.items():
-            med = statistics.median(values)
-            results[(name, label)] = med / base
-            print(
-                f"  {label:18s} {med:9.1f} steps/s  [{min(values):.1f}-{max(values):.1f}]"
-                f"  {med / base:5.2f}x"
-            )
+        for label, ratio in compare(
+            name, runs, repeats=repeats, steps=steps, base="hand-written jit"
+        ).items():
+            results[(name, label)] = ratio
     shutil.rmtree(logdir)
     return results
 

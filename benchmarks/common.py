@@ -56,3 +56,19 @@ def spread(values: list[float], fmt: str = ".3f") -> str:
     """`median [min-max]` of a sample."""
     med = statistics.median(values)
     return f"{med:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def compare(name: str, runs: dict, *, repeats: int, steps: int, base: str) -> dict[str, float]:
+    """Runs each contender `repeats` times, interleaved so drift in machine load hits every
+    contender alike; prints median steps/s [min-max] and the ratio to `base`."""
+    samples = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, fn in runs.items():
+            samples[label].append(fn())
+    reference = statistics.median(samples[base])
+    print(f"\n{name} ({steps} steps, {repeats} repeats)")
+    ratios = {}
+    for label, values in samples.items():
+        ratios[label] = statistics.median(values) / reference
+        print(f"  {label:18s} {spread(values, '.1f'):>26s} steps/s  {ratios[label]:5.2f}x")
+    return ratios
