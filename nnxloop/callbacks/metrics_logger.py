@@ -29,8 +29,9 @@ def injected_learning_rate(trainer) -> jax.Array | None:
 class MetricsLogger(Callback):
     """Writes metrics as TensorBoard event files (tensorboardX) and as `metrics.jsonl`.
 
-    Every `every_steps` steps it writes the training metrics averaged on device over those
-    steps, plus `learning_rate`, `steps_per_sec` and `examples_per_sec`; after each evaluation,
+    Every `every_steps` steps (with `steps_per_dispatch=K`, at the end of the dispatch that
+    reaches that step) it writes the training metrics averaged on device since the last write,
+    plus `learning_rate`, `steps_per_sec` and `examples_per_sec`; after each evaluation,
     the `val_` metrics. At train start it records the hyper-parameters and a table of the
     model's parameters. Only process 0 writes. A resumed run appends, without duplicating
     the lines its killed predecessor wrote after the checkpoint it resumed from.
@@ -88,6 +89,7 @@ class MetricsLogger(Callback):
     def on_epoch_begin(self, trainer, epoch: int) -> None:
         if self._active and self._mark is None:  # the first step to come, after any restore
             self._mark = (time.perf_counter(), trainer.step, trainer.examples_seen)
+            self._due = (trainer.step // self.every_steps + 1) * self.every_steps
 
     def _writer(self, trainer) -> MetricWriter:
         if self.writer is None:
@@ -118,14 +120,13 @@ class MetricsLogger(Callback):
         )
         self.writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
 
-    def next_step(self, trainer, step: int) -> int | None:
-        if not self._active:
-            return None
-        return step + self.every_steps - step % self.every_steps
-
     def on_step_end(self, trainer, step: int, logs: Logs) -> None:
-        if not self._active or step % self.every_steps or not trainer.state_is_current:
+        # Logs at the first dispatch boundary at or after each multiple of every_steps, without
+        # cutting a dispatch short for it (with steps_per_dispatch=K, cutting would turn K-step
+        # scans into single steps around every log); the window average is still exact.
+        if not self._active or not trainer.state_is_current or step < self._due:
             return
+        self._due = (step // self.every_steps + 1) * self.every_steps
         writer = self._writer(trainer)
         totals = trainer.metric_totals()
         scalars = totals.average_since(self._snapshot)
