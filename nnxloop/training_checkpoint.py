@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 
 if TYPE_CHECKING:
     from nnxloop.trainer import Trainer
@@ -21,25 +22,13 @@ if TYPE_CHECKING:
 from nnxloop.checkpointing import (
     CheckpointError,
     CheckpointStore,
+    NonFiniteStateError,
     compare_shapes,
     fingerprint,
     path_shapes,
 )
 
 log = logging.getLogger("nnxloop")
-
-
-def all_finite(leaves: list[jax.Array]) -> bool:
-    """True when every floating-point leaf is finite (one small device reduction)."""
-    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not floats:
-        return True
-    return bool(_all_finite(floats))
-
-
-@jax.jit
-def _all_finite(leaves):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _callback_key(index: int, callback: Any) -> str:
@@ -152,15 +141,18 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
 class SaveCoordinator:
     """Every checkpoint save of one trainer goes through here.
 
-    It refuses to write a state with non-finite values, and, once `AsyncSaveCallback` turns
-    asynchronous saving on, bounds the saves in flight and re-raises a background failure in
-    the training thread, naming the step.
+    A state with non-finite values is never committed (the store checks it on the device
+    while orbax writes, and the caller's `on_refused` runs when that is found). Once
+    `AsyncSaveCallback` turns asynchronous saving on, it bounds the saves in flight and
+    re-raises a background failure in the training thread, naming the step.
     """
 
     def __init__(self) -> None:
         self.async_enabled = False
         self.max_in_flight = 1
-        self._pending: collections.deque[tuple[CheckpointStore, int]] = collections.deque()
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._used: dict[int, CheckpointStore] = {}
+        self._refused: set[tuple[str, int]] = set()  # (directory, step) found non-finite
 
     def reset(self) -> None:
         self.async_enabled = False
@@ -177,51 +169,85 @@ class SaveCoordinator:
         *,
         metrics: dict[str, float] | None = None,
         extra_meta: dict[str, Any] | None = None,
+        on_refused: Callable[[int], None] | None = None,
     ) -> bool:
-        """Saves the trainer's current state to `store`; False if skipped (exists, non-finite)."""
+        """Saves the trainer's current state to `store`.
+
+        Returns False if nothing is written: the step exists, or (synchronous saves) the state
+        is not finite. An async save of a non-finite state is found in the background; then
+        `on_refused(step)` runs in the training thread at a later event.
+        """
         self.poll()
         step = trainer.step
-        if not all_finite(trainer.engine.leaves):
-            log.warning(
-                "Not saving step %d to %s: the model or optimizer state has non-finite values.",
-                step,
-                store.directory,
-            )
-            return False
+        if (store.directory, step) in self._refused or any(
+            p.store.directory == store.directory and p.step == step for p in self._pending
+        ):
+            return False  # found non-finite, or being written
         meta = training_meta(trainer)
         if extra_meta:
             meta.update(extra_meta)
         if self.async_enabled:
             while len(self._pending) >= self.max_in_flight:
-                self._finish(*self._pending.popleft())
-        saved = store.save(
-            step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
-        )
+                self._finish(self._pending.popleft())
+        self._used[id(store)] = store
+        try:
+            saved = store.save(
+                step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
+            )
+        except NonFiniteStateError as exc:
+            self._refuse(exc, store, step, on_refused)
+            return False
         if saved and self.async_enabled:
-            self._pending.append((store, step))
+            self._pending.append(_Pending(store, step, on_refused))
         return saved
 
-    def _finish(self, store: CheckpointStore, step: int) -> None:
+    def _finish(self, pending: _Pending) -> None:
+        store, step = pending.store, pending.step
         try:
-            store.wait()
+            store.wait(step)
+        except NonFiniteStateError as exc:
+            self._refuse(exc, store, step, pending.on_refused)
         except Exception as exc:
             raise CheckpointError(
                 f"Saving the checkpoint of step {step} to {store.directory} failed in the "
                 f"background: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def _refuse(
+        self,
+        exc: NonFiniteStateError,
+        store: CheckpointStore,
+        step: int,
+        on_refused: Callable[[int], None] | None,
+    ) -> None:
+        log.warning("%s Nothing was written to %s.", exc, store.directory)
+        self._refused.add((store.directory, step))
+        if on_refused is not None:
+            on_refused(step)
+
     def poll(self) -> None:
         """Raises the error of any background save that has finished with one."""
-        while self._pending and not self._pending[0][0].is_saving():
-            self._finish(*self._pending.popleft())
+        while self._pending and not self._pending[0].store.is_saving():
+            self._finish(self._pending.popleft())
 
     def wait_all(self) -> None:
-        """Waits for every pending save; raises the first failure after waiting for all."""
+        """Waits for every pending save and for the removal of old steps, so the directories
+        hold exactly what retention keeps; raises the first failure after waiting for all."""
         error = None
         while self._pending:
             try:
-                self._finish(*self._pending.popleft())
+                self._finish(self._pending.popleft())
             except CheckpointError as exc:
                 error = error or exc
+        used, self._used = self._used, {}
+        for store in used.values():
+            store.close()
         if error is not None:
             raise error
+
+
+@dataclasses.dataclass
+class _Pending:
+    store: CheckpointStore
+    step: int
+    on_refused: Callable[[int], None] | None

@@ -3,6 +3,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -222,26 +223,45 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     assert any(name.startswith("8.unreadable") for name in os.listdir(tmp_path))  # kept aside
 
 
-def test_non_finite_state_is_never_saved(tmp_path):
-    def exploding(model, batch):
-        loss, metrics = loss_fn(model, batch)
-        return loss * 1e38 * 1e38, metrics
+@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+def test_non_finite_state_is_never_saved_and_keeps_the_last_good_one(tmp_path, async_, caplog):
+    batches = make_batches()
+    for batch in batches[5:]:  # from step 6 on, the loss overflows and SGD writes inf/NaN
+        batch["x"] = batch["x"] * 1e30
+    callbacks = [nl.CheckpointCallback(tmp_path, every_steps=2, max_to_keep=1)]
+    if async_:
+        callbacks.append(nl.AsyncSaveCallback())
+    trainer = nl.Trainer(make_model(), optax.sgd(1.0), loss_fn=loss_fn, callbacks=callbacks)
+    trainer.fit(batches, max_steps=10)
+    # Steps 6, 8 and 10 were refused; the finite step 4 was not evicted by max_to_keep=1.
+    assert os.listdir(tmp_path) == ["4"]
+    ours = [r.message for r in caplog.records if r.name == "nnxloop"]
+    assert [m.split()[3] for m in ours if m.startswith("Not saving")] == ["6:", "8:", "10:"]
+    assert all(np.isfinite(x).all() for x in leaves_of(nl.load_model(tmp_path, make_model)))
 
-    trainer = nl.Trainer(
-        make_model(),
-        optax.sgd(1.0),
-        loss_fn=exploding,
-        callbacks=[nl.CheckpointCallback(tmp_path, every_steps=2)],
-    )
-    trainer.fit(make_batches(), max_steps=4)
-    assert steps_in(tmp_path) == []
+
+def test_best_model_forgets_a_refused_async_save(tmp_path):
+    best = nl.BestModelCallback(tmp_path, monitor="val_score", mode="max", max_to_keep=2)
+
+    class Poison(nl.Callback):  # the state at step 8 is ranked best, then found non-finite
+        def on_eval_end(self, trainer, step, metrics):
+            metrics["val_score"] = float(step)
+            if step == 8:
+                leaves = trainer.engine.leaves
+                trainer.engine.set_leaves(
+                    [x * np.nan if jnp.issubdtype(x.dtype, jnp.floating) else x for x in leaves]
+                )
+
+    fit([Poison(), best, nl.AsyncSaveCallback()], max_steps=8, eval_every_steps=4)
+    assert [s for s, _ in best.kept] == [4]
+    assert steps_in(tmp_path) == [4]
 
 
 def test_async_background_failure_names_the_step(tmp_path, monkeypatch):
     original = checkpointing.CheckpointStore.wait
 
-    def failing_wait(self):
-        original(self)
+    def failing_wait(self, step=None):
+        original(self, step)
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpointing.CheckpointStore, "wait", failing_wait)

@@ -90,9 +90,15 @@ class BestModelCallback(MonitorCallback):
             self.store,
             metrics={self.monitor: value},
             extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
+            on_refused=self._forget,
         )
         if not saved:
             self.kept, self.best = previous
+
+    def _forget(self, step: int) -> None:
+        # An async save of a non-finite state, refused after later evaluations may have ranked.
+        self.kept = [(s, v) for s, v in self.kept if s != step]
+        self.best = self.kept[0][1] if self.kept else None
 
     def on_train_end(self, trainer) -> None:
         if not (self.restore_on_train_end and self.kept):

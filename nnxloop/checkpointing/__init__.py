@@ -13,6 +13,8 @@ orbax options a directory gets and turns orbax's failures into errors that say w
 `store` writes and restores; `reading` lists and describes without restoring arrays.
 """
 
+from nnxloop.checkpointing.errors import CheckpointError, NonFiniteStateError
+from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
 from nnxloop.checkpointing.reading import (
     COMPLETE,
     INCOMPLETE,
@@ -24,10 +26,6 @@ from nnxloop.checkpointing.reading import (
     read_step,
 )
 from nnxloop.checkpointing.store import (
-    META,
-    MODEL,
-    OPTIMIZER,
-    CheckpointError,
     CheckpointStore,
     check_directory,
     compare_shapes,
@@ -44,6 +42,7 @@ __all__ = [
     "ArraySummary",
     "CheckpointError",
     "CheckpointStore",
+    "NonFiniteStateError",
     "StepSummary",
     "UNREADABLE",
     "best_step",

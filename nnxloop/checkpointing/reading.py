@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nnxloop.checkpointing.store import META, MODEL, OPTIMIZER, CheckpointError
+from nnxloop.checkpointing.errors import CheckpointError
+from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
 
 COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"
 

@@ -1,0 +1,142 @@
+"""The orbax items of a checkpoint, and the guard that never commits a non-finite state.
+
+Checking a ~1 GB state for NaN/inf reads all of it (~0.2 s on a 2-core CPU), longer than
+orbax needs to start an async save. So the check is not done before the save: it is
+dispatched to the device, orbax starts writing, and one commit future per save (the *gate*)
+waits for every item's writes and then reads the flag. orbax renames the step's temporary
+directory into place, and removes old steps, only after all commit futures succeed; a gate
+that raises therefore leaves every committed checkpoint as it was, and the caller removes
+the temporary directory (all writes into it have finished by then).
+
+The items stay plain orbax: `model` and `optimizer` are PyTree items (zarr arrays in OCDBT,
+readable with `StandardRestore`), `meta` is a JSON item. Arrays are written without zstd:
+on float weights it saves ~8% of the disk space and costs most of the save time here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from nnxloop.checkpointing.errors import NonFiniteStateError
+
+MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
+
+
+def finite_flag(tree: Any) -> jax.Array:
+    """A device scalar, True when every floating-point leaf of `tree` is finite.
+
+    The reduction is dispatched asynchronously: creating the flag does not wait for it.
+    """
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return _all_finite(floats) if floats else jnp.asarray(True)
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def non_finite_error(exc: BaseException | None) -> NonFiniteStateError | None:
+    """The `NonFiniteStateError` behind `exc` (orbax may wrap it), if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, NonFiniteStateError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _Gate:
+    """One save's commit gate: an orbax future that completes when all the save's writes
+    have, and then fails if the state is not finite."""
+
+    def __init__(self, flag: jax.Array, step: int):
+        self.flag = flag
+        self.step = step
+        self.writes: list[Any] = []
+
+    def result(self, timeout: float | None = None) -> None:
+        # Every item's async_save has run (orbax gathers them) before any future is waited on.
+        for write in self.writes:
+            write.result(timeout=timeout)
+        if not bool(self.flag):
+            raise NonFiniteStateError(
+                f"Not saving step {self.step}: the model or optimizer state has non-finite values."
+            )
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _Gated:
+    """Mixin for an orbax handler: its writes go through the save's gate."""
+
+    async def async_save(self, directory, item=None, save_args=None, args=None):
+        writes = await super().async_save(directory, args=args)
+        args.gate.writes.extend(writes or [])
+        return [args.gate]
+
+
+class _ArraysHandler(_Gated, ocp.PyTreeCheckpointHandler):
+    """orbax's PyTree handler, zstd off, writes gated."""
+
+    def __init__(self):
+        super().__init__(use_compression=False)
+
+
+class _MetaHandler(_Gated, ocp.JsonCheckpointHandler):
+    """orbax's JSON handler, write gated."""
+
+
+@ocp.args.register_with_handler(_ArraysHandler, for_save=True)
+@dataclasses.dataclass
+class _ArraysSave(ocp.args.PyTreeSave):
+    gate: _Gate | None = None
+
+
+@ocp.args.register_with_handler(_ArraysHandler, for_restore=True)
+@dataclasses.dataclass
+class _ArraysRestore(ocp.args.PyTreeRestore):
+    pass
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.JsonSave):
+    gate: _Gate | None = None
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class MetaRestore(ocp.args.JsonRestore):
+    """Reads the `meta` item through a store's manager."""
+
+
+def item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """The handlers of a store's `CheckpointManager` (new ones per manager)."""
+    return {MODEL: _ArraysHandler(), OPTIMIZER: _ArraysHandler(), META: _MetaHandler()}
+
+
+def guarded_save_args(state: tuple[Any, Any], meta: dict[str, Any], step: int):
+    """orbax save arguments for `(model, optimizer)` state and meta, gated on finiteness."""
+    gate = _Gate(finite_flag(state), step)
+    return ocp.args.Composite(
+        **{
+            MODEL: _ArraysSave(state[0], gate=gate),
+            OPTIMIZER: _ArraysSave(state[1], gate=gate),
+            META: _MetaSave(meta, gate=gate),
+        }
+    )
+
+
+def arrays_restore_args(abstract: Any) -> _ArraysRestore:
+    """Restores into the shapes, dtypes and shardings of `abstract` (ShapeDtypeStruct leaves)."""
+    return _ArraysRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+    )
