@@ -128,6 +128,7 @@ class StepEngine:
             self._predict_impl, in_shardings=(self._state_shardings, batch_sharding)
         )
         self.metric_names: tuple[str, ...] | None = None
+        self._zero_acc = None
         self._eval_names: tuple[str, ...] | None = None
         self.load_from_objects()
 
@@ -241,14 +242,17 @@ class StepEngine:
             with jax.set_mesh(self.mesh):
                 _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
             self.metric_names = tuple(metrics)
-        return self._zeros(self.metric_names)
+            self._zero_acc = self._zeros(self.metric_names)  # never donated: one serves all
+        return self._zero_acc
 
     def _train_fn(self, stacked: bool):
         fn = self._train_fns.get(stacked)
         if fn is None:
             fn = jax.jit(
                 lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
-                donate_argnums=(0, 1),
+                # The accumulator is not donated: an old one stays readable, so metrics are
+                # read from the device without stopping the dispatch queue.
+                donate_argnums=(0,),
                 in_shardings=(
                     self._state_shardings,
                     self._replicated,

@@ -34,7 +34,7 @@ class ProgressBar(Callback):
         self.bar = tqdm(
             total=total, initial=trainer.step, unit="step", dynamic_ncols=True, leave=True
         )
-        self._snapshot = trainer.metric_totals().snapshot()
+        self._marks = [trainer.metric_totals()]  # window ends not yet shown
         self._shown = trainer.step
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
@@ -43,12 +43,14 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer, step: int, logs: Logs) -> None:
         if step % self.every_steps or not trainer.state_is_current:
             return
-        totals = trainer.metric_totals()
-        window = totals.average_since(self._snapshot)
-        self._snapshot = totals.snapshot()
         self.bar.update(step - self._shown)
         self._shown = step
-        if "loss" in window:
+        # The loss shown is that of the newest window the device has finished: never waits.
+        self._marks.append(trainer.metric_totals())
+        window = None
+        while len(self._marks) > 1 and self._marks[1].ready():
+            window = self._marks[1].average_since(self._marks.pop(0))
+        if window and "loss" in window:
             self.bar.set_postfix(loss=f"{window['loss']:.4g}", refresh=False)
 
     def on_train_end(self, trainer) -> None:

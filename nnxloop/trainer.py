@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,7 +16,7 @@ from nnxloop import data as data_lib
 from nnxloop.callbacks.base import Callback, CallbackList, StepLogs
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
-from nnxloop.metrics import MetricTotals
+from nnxloop.metrics import Accumulation, LazyLogs, PendingTotals
 from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import ProgressBar, evaluation_progress, wanted
 from nnxloop.training_checkpoint import SaveCoordinator
@@ -149,9 +150,7 @@ class Trainer:
         self.examples_seen = 0
         self.history = History()
         self._running = False
-        self._acc = None
-        self._acc_dirty = False
-        self._totals = MetricTotals()
+        self._metrics = Accumulation()
         self._iterator = None
         self._pending_data_state = None
         self._resumed = False
@@ -250,29 +249,14 @@ class Trainer:
         self._pending_data_state = data_state
         self._resumed = True
 
-    def metric_totals(self) -> MetricTotals:
-        """Running sums of the training metrics up to now (one read of the device accumulator).
+    def metric_totals(self) -> PendingTotals:
+        """Running sums of the training metrics up to now, read from the device lazily.
 
-        Consumers keep a snapshot and difference two readings to average over any window.
-        Reading changes nothing, so any subset of processes may read at any step.
+        Taking one does not wait for the device; `resolve()` on it (or `average_since`
+        between two) does, once. Consumers keep one and difference two to average over any
+        window. Taking one changes nothing, so any subset of processes may take them.
         """
-        totals = self._totals.copy()
-        if self._acc is not None and self._acc_dirty:
-            sums, count = jax.device_get(self._acc)
-            totals.add(sums, count)
-        return totals
-
-    def _fold_metrics(self) -> None:
-        """Moves the float32 device sums into the float64 host totals and restarts them.
-
-        Called at the same steps on every process (epoch ends, every `FOLD_EVERY` steps), so
-        the replicated accumulator stays identical everywhere.
-        """
-        if self._acc is not None and self._acc_dirty:
-            sums, count = jax.device_get(self._acc)
-            self._totals.add(sums, count)
-            self._acc = self._engine.zero_accumulator(None)
-            self._acc_dirty = False
+        return self._metrics.pending()
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -334,15 +318,17 @@ class Trainer:
         self._engine.load_from_objects()
         self._boundaries = 0
         self._running = True
-        self._totals = MetricTotals()
-        self._acc = None
+        self._metrics = Accumulation()
+        first_epoch = len(self.history.epochs)
         try:
             with self._preemption.installed():
                 self._dispatch.call("on_train_begin", self)
                 self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
                 self.history.stopped_early = self.stop_training and not self.preempted
-                self._fold_metrics()
                 self._dispatch.call("on_train_end", self)
+                # Epoch averages are read from the device here, unless a callback read them.
+                epochs = self.history.epochs
+                epochs[first_epoch:] = [dict(e) for e in epochs[first_epoch:]]
         except BaseException as exc:
             try:
                 self._dispatch.call("on_exception", self, exc)
@@ -377,18 +363,18 @@ class Trainer:
         while not self._done(epochs, max_steps):
             epoch = self.epoch
             self._dispatch.call("on_epoch_begin", self, epoch)
-            self._fold_metrics()
-            epoch_start = self._totals.snapshot()
+            self._metrics.retire()
+            epoch_start = self._metrics.pending()
             finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
             if not finished:
                 break
             self.epoch += 1
             self.position = 0
-            self._fold_metrics()
-            logs = self._totals.average_since(epoch_start)
+            self._metrics.retire()
+            logs = LazyLogs(functools.partial(self._metrics.pending().average_since, epoch_start))
             if val_data is not None and eval_every_steps is None:
                 logs.update(self._evaluate_in_fit(val_data))
-            self.history.epochs.append({"epoch": epoch, **logs})
+            self.history.epochs.append(LazyLogs(functools.partial(_with_epoch, epoch, logs)))
             self._dispatch.call("on_epoch_end", self, epoch, logs)
 
     def _open_epoch(self, train_data) -> Any:
@@ -449,11 +435,10 @@ class Trainer:
                 return True
             saw_batch = True
             sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
-            if self._acc is None:
-                self._acc = self._engine.zero_accumulator(batches[0])
+            self._metrics.start(self._engine.zero_accumulator(batches[0]))
             if len(batches) > 1 and len(batches) == k:
                 stacked = data_lib.prepare(data_lib.stack(batches), self.mesh, stacked=True)
-                self._acc, metrics = self._engine.train(self._acc, stacked, stacked=True)
+                metrics = self._train(stacked, stacked=True)
                 self.last_metrics = metrics
                 self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
             else:
@@ -461,14 +446,19 @@ class Trainer:
                 # are already pulled and so run to their end as one dispatch.
                 for batch, size in zip(batches, sizes):
                     batch = data_lib.prepare(batch, self.mesh)
-                    self._acc, metrics = self._engine.train(self._acc, batch, stacked=False)
+                    metrics = self._train(batch, stacked=False)
                     self.last_metrics = metrics
                     self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
             self._end_dispatch(len(batches))
 
+    def _train(self, batch, *, stacked: bool):
+        acc, metrics = self._engine.train(self._metrics.acc, batch, stacked=stacked)
+        self._metrics.advance(acc)
+        return metrics
+
     def _end_dispatch(self, steps: int) -> None:
         if self.step // FOLD_EVERY != (self.step - steps) // FOLD_EVERY:
-            self._fold_metrics()
+            self._metrics.retire()
         self._boundaries += 1
         if self._preemption.should_stop(self._boundaries):
             self.preempted = self.history.preempted = True
@@ -483,7 +473,6 @@ class Trainer:
         resumed from it does not evaluate that step again.
         """
         n = len(sizes)
-        self._acc_dirty = True
         self.examples_seen += sum(sizes)
         step_end = self._dispatch.step_end
         for i in range(n):
@@ -530,3 +519,7 @@ class Trainer:
         if not outputs:
             raise ValueError("predict got no batches.")
         return data_lib.concat(outputs)
+
+
+def _with_epoch(epoch: int, logs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"epoch": epoch, **logs}

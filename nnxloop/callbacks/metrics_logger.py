@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from clu import parameter_overview
 from flax import nnx
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.checkpointing import check_directory
 from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
+
+log = logging.getLogger("nnxloop")
 
 
 def injected_learning_rate(trainer) -> jax.Array | None:
@@ -83,8 +87,9 @@ class MetricsLogger(Callback):
             return
         check_directory(self.logdir, what="Log directory")
         self.writer = None  # opened at the first write, after any checkpoint restore
-        self._snapshot = trainer.metric_totals().snapshot()
+        self._last = trainer.metric_totals()
         self._mark = None
+        self._queue: list[tuple[int, Any, dict[str, Any]]] = []  # lines waiting for the device
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
         if self._active and self._mark is None:  # the first step to come, after any restore
@@ -127,43 +132,69 @@ class MetricsLogger(Callback):
         if not self._active or not trainer.state_is_current or step < self._due:
             return
         self._due = (step // self.every_steps + 1) * self.every_steps
-        writer = self._writer(trainer)
-        totals = trainer.metric_totals()
-        scalars = totals.average_since(self._snapshot)
-        self._snapshot = totals.snapshot()
+        self._writer(trainer)
+        # The line is queued with the device values it needs and written once they have
+        # reached the host (checked at later steps, without waiting; all at an evaluation
+        # or at the end): reading them now would stop the dispatch queue every few steps.
+        totals, window_start = trainer.metric_totals(), self._last
+        self._last = totals
+        extra: dict[str, Any] = {}
         now = time.perf_counter()
         then, then_step, then_examples = self._mark
         if step > then_step and now > then:
-            scalars["steps_per_sec"] = (step - then_step) / (now - then)
-            scalars["examples_per_sec"] = (trainer.examples_seen - then_examples) / (now - then)
+            extra["steps_per_sec"] = (step - then_step) / (now - then)
+            extra["examples_per_sec"] = (trainer.examples_seen - then_examples) / (now - then)
         self._mark = (now, step, trainer.examples_seen)
         lr = self._learning_rate(trainer, step)
         if lr is not None:
-            scalars["learning_rate"] = lr
-        if scalars:
-            writer.write_scalars(step, scalars)
+            extra["learning_rate"] = lr
+        self._queue.append((step, (window_start, totals), extra))
+        self._write_ready(wait=False)
 
-    def _learning_rate(self, trainer, step: int) -> float | None:
+    def _write_ready(self, *, wait: bool) -> None:
+        while self._queue:
+            step, (start, end), extra = self._queue[0]
+            if not (wait or end.ready()):
+                return
+            self._queue.pop(0)
+            scalars = end.average_since(start)
+            scalars.update({k: float(v) for k, v in extra.items()})
+            if scalars:
+                self.writer.write_scalars(step, scalars)
+
+    def _learning_rate(self, trainer, step: int) -> Any:
         # The rate the last update used: the schedule's count was step - 1 for it, as it is
         # in `optax.inject_hyperparams` state after that update.
         if callable(self.learning_rate):
-            return float(self.learning_rate(step - 1))
+            return self.learning_rate(step - 1)
         if self.learning_rate is not None:
             return float(self.learning_rate)
         injected = injected_learning_rate(trainer)
-        return None if injected is None else float(injected)
+        if injected is None:
+            return None
+        value = jnp.copy(injected)  # the state's buffer is donated to the next step
+        value.copy_to_host_async()
+        return value
 
     def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
             return
         writer = self._writer(trainer)
+        self._write_ready(wait=True)
         writer.write_scalars(step, metrics)
         writer.flush()
 
     def on_train_end(self, trainer) -> None:
+        if self._active and self.writer is not None:
+            self._write_ready(wait=True)
         self._close()
 
     def on_exception(self, trainer, exc: BaseException) -> None:
+        if self._active and self.writer is not None:
+            try:
+                self._write_ready(wait=True)
+            except Exception:  # the device may be what failed; the error in flight matters
+                log.warning("MetricsLogger could not write its last %d lines.", len(self._queue))
         self._close()
 
     def _close(self) -> None:
