@@ -58,16 +58,14 @@ class PendingTotals:
     """The totals as of one step, read from the device only when first needed.
 
     Taking one costs no device-to-host wait: it holds the host totals of that moment and the
-    device accumulators not yet folded into them (whose copies to the host are started).
+    device accumulators not yet folded into them, whose copies to the host have been started.
     `resolve` waits for those copies; `ready` says whether it would have to.
     """
 
     def __init__(self, base: TotalsSnapshot, accumulators: tuple[Any, ...]):
         self._base = base
-        self._accumulators = accumulators
+        self._accumulators = accumulators  # their copies to the host are already started
         self._resolved: TotalsSnapshot | None = None if accumulators else base
-        for acc in accumulators:
-            _start_copy(acc)
 
     def ready(self) -> bool:
         return self._resolved is not None or all(_is_ready(a) for a in self._accumulators)
@@ -123,8 +121,10 @@ class Accumulation:
 
     def pending(self) -> PendingTotals:
         """The totals up to now, read lazily (see `PendingTotals`)."""
-        live = (*self._retired, self.acc) if self.dirty else tuple(self._retired)
-        return PendingTotals(self.totals.snapshot(), live)
+        if not self.dirty:
+            return PendingTotals(self.totals.snapshot(), tuple(self._retired))
+        _start_copy(self.acc)
+        return PendingTotals(self.totals.snapshot(), (*self._retired, self.acc))
 
 
 class LazyLogs(MutableMapping):

@@ -36,9 +36,11 @@ class MetricsLogger(Callback):
     Every `every_steps` steps (with `steps_per_dispatch=K`, at the end of the dispatch that
     reaches that step) it writes the training metrics averaged on device since the last write,
     plus `learning_rate`, `steps_per_sec` and `examples_per_sec`; after each evaluation,
-    the `val_` metrics. At train start it records the hyper-parameters and a table of the
-    model's parameters. Only process 0 writes. A resumed run appends, without duplicating
-    the lines its killed predecessor wrote after the checkpoint it resumed from.
+    the `val_` metrics. A line is written once its values have reached the host, so logging
+    never makes training wait for the device; lines still pending are written before an
+    evaluation's line and when `fit` ends. At train start it records the hyper-parameters and
+    a table of the model's parameters. Only process 0 writes. A resumed run appends, without
+    duplicating the lines its killed predecessor wrote after the checkpoint it resumed from.
 
     Args:
         logdir: the directory for the event files and `metrics.jsonl`.
