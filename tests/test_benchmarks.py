@@ -50,3 +50,13 @@ def test_bench_peers_quick_skips_the_peers_that_are_missing():
     assert "flax @nnx.jit" in out
     for peer in ("keras", "torch", "lightning"):
         assert f"{peer:18s} skipped: not installed" in out
+
+
+@pytest.mark.extended
+def test_bench_resume_quick_resumes_and_cleans_up(tmp_path):
+    # The script itself asserts that the resumed process's first step is the one after the
+    # checkpoint (and that the fresh one's is step 1).
+    out = run([str(BENCHMARKS / "bench_resume.py"), "--quick", "--dir", str(tmp_path)])
+    for row in ("fresh start", "resumed start", "resuming adds"):
+        assert row in out
+    assert list(tmp_path.iterdir()) == []
