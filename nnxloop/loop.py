@@ -1,0 +1,184 @@
+"""The training loop of `Trainer.fit`: epochs, dispatches of one or K steps, and their events.
+
+`FitLoop` is mixed into `Trainer`; it advances the trainer's progress (`step`, `epoch`,
+`position`) and sends the events. Dispatches end on multiples of `steps_per_dispatch` and are
+shortened so that requested steps (`max_steps`, `eval_every_steps`, a callback's `next_step`)
+land exactly. Batches are pulled from the iterator only as they are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from nnxloop import data as data_lib
+from nnxloop.callbacks.base import StepLogs
+from nnxloop.metrics import LazyLogs
+from nnxloop.progress import evaluation_progress
+
+log = logging.getLogger("nnxloop")
+
+FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
+
+
+def _take(iterator, n: int) -> list[Any]:
+    """Up to `n` next items of `iterator` (fewer at its end)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out
+
+
+class FitLoop:
+    """The loop behind `Trainer.fit` (a mixin: the attributes it uses are the trainer's)."""
+
+    def _done(self, epochs: int | None, max_steps: int | None) -> bool:
+        if self.stop_training:
+            return True
+        if epochs is not None:
+            return self.epoch >= epochs
+        return self.step >= max_steps
+
+    def _train_loop(self, train_data, val_data, epochs, max_steps, eval_every_steps) -> None:
+        while not self._done(epochs, max_steps):
+            epoch = self.epoch
+            self._dispatch.call("on_epoch_begin", self, epoch)
+            self._metrics.retire()
+            epoch_start = self._metrics.pending()
+            finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
+            if not finished:
+                break
+            self.epoch += 1
+            self.position = 0
+            self._metrics.retire()
+            logs = LazyLogs(functools.partial(self._metrics.pending().average_since, epoch_start))
+            if val_data is not None and eval_every_steps is None:
+                logs.update(self._evaluate_in_fit(val_data))
+            self.history.epochs.append(LazyLogs(functools.partial(_with_epoch, epoch, logs)))
+            self._dispatch.call("on_epoch_end", self, epoch, logs)
+
+    def _open_epoch(self, train_data) -> Any:
+        iterator = iter(train_data)
+        state, self._pending_data_state = self._pending_data_state, None
+        self._resumed, resumed = False, self._resumed
+        if self.position:
+            set_state = getattr(iterator, "set_state", None)
+            if state is not None and callable(set_state):
+                set_state(state)
+            else:
+                skipped = data_lib.skip(iterator, self.position)
+                # Worth a warning after a restore; a second fit call mid-epoch is routine.
+                (log.warning if resumed else log.info)(
+                    "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
+                    "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
+                    self.position,
+                    self.epoch,
+                    skipped,
+                )
+        return iterator
+
+    def _chunk_end(self, max_steps, eval_every_steps) -> int:
+        step, k = self.step, self.steps_per_dispatch
+        end = step + k - step % k  # chunks align to multiples of K, whatever the start
+        if max_steps is not None:
+            end = min(end, max_steps)
+        if eval_every_steps is not None:
+            end = min(end, step + eval_every_steps - step % eval_every_steps)
+        asked = self._dispatch.next_step(self, step)
+        if asked is not None:
+            end = min(end, asked)
+        return end
+
+    def _train_epoch(self, train_data, val_data, max_steps, eval_every_steps) -> bool:
+        """Trains until the data runs out (returns True) or training must stop (False)."""
+        self._iterator = iterator = self._open_epoch(train_data)
+        k = self.steps_per_dispatch
+        saw_batch = self.position > 0
+
+        def evaluate(step):
+            if eval_every_steps is not None and step % eval_every_steps == 0:
+                self._evaluate_in_fit(val_data)
+
+        while True:
+            if self.stop_training or (max_steps is not None and self.step >= max_steps):
+                return False
+            wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
+            # Batches are pulled only as they are used, so the iterator's position (and its
+            # checkpointed state) always matches the steps done.
+            batches = _take(iterator, k if wanted == k else 1)
+            if not batches:
+                if not saw_batch:
+                    raise ValueError(
+                        "train_data yielded no batches for an epoch; check that it is not empty "
+                        "(and not an iterator that was already used up)."
+                    )
+                return True
+            saw_batch = True
+            sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
+            self._metrics.start(self._engine.zero_accumulator(batches[0]))
+            if len(batches) > 1 and len(batches) == k:
+                stacked = data_lib.prepare(data_lib.stack(batches), self.mesh, stacked=True)
+                metrics = self._train(stacked, stacked=True)
+                self.last_metrics = metrics
+                self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
+            else:
+                # A single step, or the last few batches of an epoch (fewer than K), which
+                # are already pulled and so run to their end as one dispatch.
+                for batch, size in zip(batches, sizes):
+                    batch = data_lib.prepare(batch, self.mesh)
+                    metrics = self._train(batch, stacked=False)
+                    self.last_metrics = metrics
+                    self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
+            self._end_dispatch(len(batches))
+
+    def _train(self, batch, *, stacked: bool):
+        acc, metrics = self._engine.train(self._metrics.acc, batch, stacked=stacked)
+        self._metrics.advance(acc)
+        return metrics
+
+    def _end_dispatch(self, steps: int) -> None:
+        if self.step // FOLD_EVERY != (self.step - steps) // FOLD_EVERY:
+            self._metrics.retire()
+        self._boundaries += 1
+        if self._preemption.should_stop(self._boundaries):
+            self.preempted = self.history.preempted = True
+            self.stop_training = True
+            log.warning("Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step)
+
+    def _after_steps(self, metrics, sizes, *, stacked: bool, evaluate) -> None:
+        """Advances the counters over a dispatch's steps and sends `on_step_end` for each.
+
+        A step's evaluation runs before that step's `on_step_end`, so that a checkpoint saved
+        there already holds what the evaluation changed (best score, patience), and a run
+        resumed from it does not evaluate that step again.
+        """
+        n = len(sizes)
+        self.examples_seen += sum(sizes)
+        step_end = self._dispatch.step_end
+        for i in range(n):
+            self.step += 1
+            self.position += 1
+            self.state_is_current = i == n - 1
+            if self.state_is_current:
+                evaluate(self.step)
+            if step_end:
+                logs = StepLogs(metrics, i) if stacked else metrics
+                for cb in step_end:
+                    cb.on_step_end(self, self.step, logs)
+        self.state_is_current = True
+
+    def _evaluate_in_fit(self, val_data) -> dict[str, float]:
+        batches = self._batches(evaluation_progress(val_data, self._show_progress))
+        metrics = {f"val_{k}": v for k, v in self._engine.evaluate(batches).items()}
+        self.history.evals.append({"step": self.step, **metrics})
+        self._dispatch.call("on_eval_end", self, self.step, metrics)
+        return metrics
+
+
+def _with_epoch(epoch: int, logs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"epoch": epoch, **logs}
