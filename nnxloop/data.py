@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -91,8 +92,15 @@ def prepare(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
 
 
 def stack(batches: list[Any]) -> Any:
-    """Stacks a list of same-structured host batches on a new leading axis."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+    """Stacks same-structured batches on a new leading axis: on the host for host arrays, on
+    the device for JAX arrays (in one process), so device batches never round-trip."""
+    return jax.tree.map(_stack_leaves, *batches)
+
+
+def _stack_leaves(*xs: Any) -> Any:
+    if jax.process_count() == 1 and all(isinstance(x, jax.Array) for x in xs):
+        return jnp.stack(xs)
+    return np.stack([np.asarray(x) for x in xs])
 
 
 def concat(outputs: list[Any]) -> Any:

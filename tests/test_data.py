@@ -1,6 +1,8 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import loss_fn, make_batches, make_model, tx
+from conftest import leaves_of, loss_fn, make_batches, make_model, tx
 
 import nnxloop as nl
 
@@ -61,3 +63,19 @@ def test_bad_metric_is_named():
     trainer = nl.Trainer(make_model(), tx(), loss_fn=vector_metric)
     with pytest.raises(ValueError, match="'per_example' with shape"):
         trainer.fit(make_batches(1), max_steps=1)
+
+
+def test_device_batches_train_like_host_batches_with_steps_per_dispatch():
+    host = make_batches()
+    device = [jax.tree.map(jnp.asarray, b) for b in host]
+    results = []
+    for batches in (host, device):
+        trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=4)
+        # Device batches are stacked on the device. On an accelerator this guard fails on any
+        # implicit copy back to the host (on CPU, host views are not transfers: it passes).
+        with jax.transfer_guard_device_to_host("disallow"):
+            history = trainer.fit(batches, epochs=1)
+        results.append((history["loss"], leaves_of(trainer.model)))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)
