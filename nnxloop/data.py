@@ -98,7 +98,11 @@ def stack(batches: list[Any]) -> Any:
 
 
 def _stack_leaves(*xs: Any) -> Any:
-    if jax.process_count() == 1 and all(isinstance(x, jax.Array) for x in xs):
+    if (
+        jax.process_count() == 1
+        and all(isinstance(x, jax.Array) for x in xs)
+        and len({x.sharding for x in xs}) == 1  # jnp.stack needs them placed alike
+    ):
         return jnp.stack(xs)
     return np.stack([np.asarray(x) for x in xs])
 

@@ -56,10 +56,17 @@ class FitLoop:
             self.epoch += 1
             self.position = 0
             self._metrics.retire()
-            logs = LazyLogs(functools.partial(self._metrics.pending().average_since, epoch_start))
+            averages = functools.partial(self._metrics.pending().average_since, epoch_start)
+            val = {}
             if val_data is not None and eval_every_steps is None:
-                logs.update(self._evaluate_in_fit(val_data))
-            self.history.epochs.append(LazyLogs(functools.partial(_with_epoch, epoch, logs)))
+                val = self._evaluate_in_fit(val_data)
+            # Two lazy views of the same averages (read from the device once): what callbacks
+            # do to `logs` stays out of the History.
+            logs = LazyLogs(averages)
+            logs.update(val)
+            self.history.epochs.append(
+                LazyLogs(functools.partial(_epoch_entry, epoch, averages, val))
+            )
             self._dispatch.call("on_epoch_end", self, epoch, logs)
 
     def _open_epoch(self, train_data) -> Any:
@@ -180,5 +187,5 @@ class FitLoop:
         return metrics
 
 
-def _with_epoch(epoch: int, logs: Mapping[str, Any]) -> dict[str, Any]:
-    return {"epoch": epoch, **logs}
+def _epoch_entry(epoch: int, averages, val: Mapping[str, float]) -> dict[str, Any]:
+    return {"epoch": epoch, **averages(), **val}

@@ -68,7 +68,8 @@ class PendingTotals:
         self._resolved: TotalsSnapshot | None = None if accumulators else base
 
     def ready(self) -> bool:
-        return self._resolved is not None or all(_is_ready(a) for a in self._accumulators)
+        # Dispatches complete in order: the newest accumulator is the last to be ready.
+        return self._resolved is not None or _is_ready(self._accumulators[-1])
 
     def resolve(self) -> TotalsSnapshot:
         if self._resolved is None:
@@ -158,3 +159,7 @@ class LazyLogs(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(self._load())
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of the values (reads them)."""
+        return dict(self._load())

@@ -23,9 +23,6 @@ from nnxloop.training_checkpoint import SaveCoordinator
 
 log = logging.getLogger("nnxloop")
 
-# Device metric sums are float32; folding them into float64 host totals this often keeps
-# window averages accurate over long epochs.
-
 
 def split_loss(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Normalises a `loss_fn` result, `loss` or `(loss, metrics)`, to `(loss, metrics)`."""
@@ -314,14 +311,13 @@ class Trainer(FitLoop):
                 self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
                 self.history.stopped_early = self.stop_training and not self.preempted
                 self._dispatch.call("on_train_end", self)
-                # Epoch averages are read from the device here, unless a callback read them.
-                epochs = self.history.epochs
-                epochs[first_epoch:] = [dict(e) for e in epochs[first_epoch:]]
+                self._settle_history(first_epoch)
         except BaseException as exc:
             try:
                 self._dispatch.call("on_exception", self, exc)
             finally:
                 self._finish_saves(failing=True)
+                self._settle_history(first_epoch)
             raise
         else:
             self._finish_saves(failing=False)
@@ -330,6 +326,18 @@ class Trainer(FitLoop):
             self._running = False
             self._iterator = None
         return self.history
+
+    def _settle_history(self, first_epoch: int) -> None:
+        """Turns this fit's epoch entries into plain dicts: the averages are read from the
+        device here, unless a callback already read them. After a failure, best effort (the
+        device may be what failed): entries that cannot be read are left as they are."""
+        epochs = self.history.epochs
+        for i in range(first_epoch, len(epochs)):
+            try:
+                epochs[i] = dict(epochs[i])
+            except Exception:
+                log.warning("The averages of epoch %d could not be read back.", i)
+                break
 
     def _finish_saves(self, *, failing: bool) -> None:
         """`fit` returns only once every background save has finished."""

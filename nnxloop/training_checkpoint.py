@@ -157,6 +157,7 @@ class SaveCoordinator:
     def reset(self) -> None:
         self.async_enabled = False
         self.max_in_flight = 1
+        self._refused.clear()  # a new fit may reach the same steps with a finite state
 
     def enable_async(self, max_in_flight: int) -> None:
         self.async_enabled = True
@@ -183,30 +184,41 @@ class SaveCoordinator:
             p.store.directory == store.directory and p.step == step for p in self._pending
         ):
             return False  # found non-finite, or being written
-        meta = training_meta(trainer)
-        if extra_meta:
-            meta.update(extra_meta)
+        # orbax writes one save per directory at a time, so waiting for this store's pending
+        # save costs nothing, and it keeps each refusal attributed to its own step. The
+        # in-flight bound is applied before the callbacks' states go into `meta`, so a
+        # refusal found here is already reflected in them.
+        self.finish(store)
         if self.async_enabled:
             while len(self._pending) >= self.max_in_flight:
                 self._finish(self._pending.popleft())
+        meta = training_meta(trainer)
+        if extra_meta:
+            meta.update(extra_meta)
         self._used[id(store)] = store
         try:
             saved = store.save(
                 step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
             )
         except NonFiniteStateError as exc:
-            self._refuse(exc, store, step, on_refused)
+            self._refuse(exc, store, on_refused)
             return False
         if saved and self.async_enabled:
             self._pending.append(_Pending(store, step, on_refused))
         return saved
 
+    def finish(self, store: CheckpointStore) -> None:
+        """Waits for the pending saves to `store` (a refusal runs its `on_refused`)."""
+        for pending in [p for p in self._pending if p.store is store]:
+            self._pending.remove(pending)
+            self._finish(pending)
+
     def _finish(self, pending: _Pending) -> None:
         store, step = pending.store, pending.step
         try:
-            store.wait(step)
+            store.wait()
         except NonFiniteStateError as exc:
-            self._refuse(exc, store, step, pending.on_refused)
+            self._refuse(exc, store, pending.on_refused)
         except Exception as exc:
             raise CheckpointError(
                 f"Saving the checkpoint of step {step} to {store.directory} failed in the "
@@ -217,13 +229,13 @@ class SaveCoordinator:
         self,
         exc: NonFiniteStateError,
         store: CheckpointStore,
-        step: int,
         on_refused: Callable[[int], None] | None,
     ) -> None:
+        # The step comes from the error (the gate knows it), never from the call that saw it.
         log.warning("%s Nothing was written to %s.", exc, store.directory)
-        self._refused.add((store.directory, step))
+        self._refused.add((store.directory, exc.step))
         if on_refused is not None:
-            on_refused(step)
+            on_refused(exc.step)
 
     def poll(self) -> None:
         """Raises the error of any background save that has finished with one."""
@@ -241,7 +253,13 @@ class SaveCoordinator:
                 error = error or exc
         used, self._used = self._used, {}
         for store in used.values():
-            store.close()
+            try:
+                store.close()
+            except Exception as exc:
+                error = error or CheckpointError(
+                    f"Closing the checkpoint directory {store.directory} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                )
         if error is not None:
             raise error
 

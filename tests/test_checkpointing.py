@@ -241,6 +241,31 @@ def test_non_finite_state_is_never_saved_and_keeps_the_last_good_one(tmp_path, a
     assert all(np.isfinite(x).all() for x in leaves_of(nl.load_model(tmp_path, make_model)))
 
 
+def test_refusals_are_blamed_on_their_own_step_with_several_saves_in_flight(tmp_path):
+    class PoisonStep4(nl.Callback):  # only the state saved at step 4 is non-finite
+        def on_step_end(self, trainer, step, logs):
+            if step == 4:
+                self.good = [jax.numpy.copy(x) for x in trainer.engine.leaves]
+                trainer.engine.set_leaves(
+                    [x * np.nan if jnp.issubdtype(x.dtype, jnp.floating) else x for x in self.good]
+                )
+
+    class Heal(nl.Callback):
+        def __init__(self, poison):
+            self.poison = poison
+
+        def on_step_end(self, trainer, step, logs):
+            if step == 4:
+                trainer.engine.set_leaves(self.poison.good)
+
+    poison = PoisonStep4()
+    ckpt = nl.CheckpointCallback(tmp_path, every_steps=2, max_to_keep=None)
+    callbacks = [poison, ckpt, Heal(poison), nl.AsyncSaveCallback(max_in_flight=2)]
+    trainer, _ = fit(callbacks, max_steps=10, val=False)
+    assert os.listdir(tmp_path) and steps_in(tmp_path) == [2, 6, 8, 10]
+    assert not [n for n in os.listdir(tmp_path) if "tmp" in n]
+
+
 def test_best_model_forgets_a_refused_async_save(tmp_path):
     best = nl.BestModelCallback(tmp_path, monitor="val_score", mode="max", max_to_keep=2)
 
@@ -261,8 +286,8 @@ def test_best_model_forgets_a_refused_async_save(tmp_path):
 def test_async_background_failure_names_the_step(tmp_path, monkeypatch):
     original = checkpointing.CheckpointStore.wait
 
-    def failing_wait(self, step=None):
-        original(self, step)
+    def failing_wait(self):
+        original(self)
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpointing.CheckpointStore, "wait", failing_wait)

@@ -49,8 +49,12 @@ class Callback:
     def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         """Called after each evaluation during `fit`, with `val_`-prefixed metrics."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
-        """Called after an epoch, with its averaged training metrics and any `val_` metrics."""
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: Mapping[str, float]) -> None:
+        """Called after an epoch, with its averaged training metrics and any `val_` metrics.
+
+        `logs` is a mapping of floats; the training averages are read from
+        the device when first accessed (`dict(logs)` or `logs.copy()` gives a plain dict).
+        """
 
     def on_train_end(self, trainer: Trainer) -> None:
         """Called once when `fit` ends cleanly (also on `stop_training` or preemption)."""

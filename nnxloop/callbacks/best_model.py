@@ -72,6 +72,9 @@ class BestModelCallback(MonitorCallback):
         return self.is_better(value, self.kept[-1][1])
 
     def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        # Our previous save, if still being written, must be known good or refused before
+        # ranking against it (and ranking then agrees on every process).
+        trainer.save_coordinator.finish(self.store)
         value = self.monitored_value(metrics)
         if not self._ranks(value) or any(s == step for s, _ in self.kept):
             return
@@ -90,15 +93,14 @@ class BestModelCallback(MonitorCallback):
             self.store,
             metrics={self.monitor: value},
             extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
-            on_refused=self._forget,
+            on_refused=lambda _step: self._undo(previous),
         )
         if not saved:
-            self.kept, self.best = previous
+            self._undo(previous)
 
-    def _forget(self, step: int) -> None:
-        # An async save of a non-finite state, refused after later evaluations may have ranked.
-        self.kept = [(s, v) for s, v in self.kept if s != step]
-        self.best = self.kept[0][1] if self.kept else None
+    def _undo(self, previous: tuple[list[tuple[int, float]], float | None]) -> None:
+        # Nothing was written (or a non-finite state was refused): the ranking before stands.
+        self.kept, self.best = previous
 
     def on_train_end(self, trainer) -> None:
         if not (self.restore_on_train_end and self.kept):
@@ -117,5 +119,11 @@ class BestModelCallback(MonitorCallback):
         return {"best": self.best, "kept": [[s, v] for s, v in self.kept]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
-        self.kept = [(int(s), float(v)) for s, v in state.get("kept", []) if math.isfinite(v)]
+        # Only steps that are on disk: a run killed while a best checkpoint was still being
+        # written (or refused) recorded a step whose directory never appeared.
+        self.kept = [
+            (int(s), float(v))
+            for s, v in state.get("kept", [])
+            if math.isfinite(v) and self.store.has_step(int(s))
+        ]
+        self.best = self.kept[0][1] if self.kept else None

@@ -131,36 +131,40 @@ class MetricsLogger(Callback):
         # Logs at the first dispatch boundary at or after each multiple of every_steps, without
         # cutting a dispatch short for it (with steps_per_dispatch=K, cutting would turn K-step
         # scans into single steps around every log); the window average is still exact.
-        if not self._active or not trainer.state_is_current or step < self._due:
+        if not self._active or not trainer.state_is_current:
+            return
+        if self._queue:
+            self._write_ready(wait=False)
+        if step < self._due:
             return
         self._due = (step // self.every_steps + 1) * self.every_steps
         self._writer(trainer)
         # The line is queued with the device values it needs and written once they have
-        # reached the host (checked at later steps, without waiting; all at an evaluation
-        # or at the end): reading them now would stop the dispatch queue every few steps.
+        # reached the host (checked at each dispatch's end, without waiting; all at an
+        # evaluation or at the end): reading them now would stop the dispatch queue.
         totals, window_start = trainer.metric_totals(), self._last
         self._last = totals
-        extra: dict[str, Any] = {}
-        now = time.perf_counter()
-        then, then_step, then_examples = self._mark
-        if step > then_step and now > then:
-            extra["steps_per_sec"] = (step - then_step) / (now - then)
-            extra["examples_per_sec"] = (trainer.examples_seen - then_examples) / (now - then)
-        self._mark = (now, step, trainer.examples_seen)
         lr = self._learning_rate(trainer, step)
-        if lr is not None:
-            extra["learning_rate"] = lr
-        self._queue.append((step, (window_start, totals), extra))
+        self._queue.append((step, window_start, totals, trainer.examples_seen, lr))
         self._write_ready(wait=False)
 
     def _write_ready(self, *, wait: bool) -> None:
         while self._queue:
-            step, (start, end), extra = self._queue[0]
+            step, start, end, examples, lr = self._queue[0]
             if not (wait or end.ready()):
                 return
             self._queue.pop(0)
             scalars = end.average_since(start)
-            scalars.update({k: float(v) for k, v in extra.items()})
+            # Rates between the moments two lines' values were seen on the host: device
+            # time, not how far ahead the host has dispatched.
+            now = time.perf_counter()
+            then, then_step, then_examples = self._mark
+            if step > then_step and now > then:
+                scalars["steps_per_sec"] = (step - then_step) / (now - then)
+                scalars["examples_per_sec"] = (examples - then_examples) / (now - then)
+            self._mark = (now, step, examples)
+            if lr is not None:
+                scalars["learning_rate"] = float(lr)
             if scalars:
                 self.writer.write_scalars(step, scalars)
 
@@ -174,7 +178,9 @@ class MetricsLogger(Callback):
         injected = injected_learning_rate(trainer)
         if injected is None:
             return None
-        value = jnp.copy(injected)  # the state's buffer is donated to the next step
+        # A copy, as the state's buffer is donated to the next step; of this process's own
+        # replica, so that process 0 alone runs no computation on a global array.
+        value = jnp.copy(injected.addressable_data(0))
         value.copy_to_host_async()
         return value
 

@@ -43,13 +43,14 @@ def _all_finite(leaves):
 
 
 def non_finite_error(exc: BaseException | None) -> NonFiniteStateError | None:
-    """The `NonFiniteStateError` behind `exc` (orbax may wrap it), if there is one."""
+    """`exc` if it is a `NonFiniteStateError`, or the one it was raised *from* (orbax may
+    wrap it); an error merely raised while handling one is not a refusal."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, NonFiniteStateError):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
@@ -75,15 +76,22 @@ class _Gate:
 
     def result(self, timeout: float | None = None) -> None:
         # Every item's async_save has run (orbax gathers them) before any future is waited on.
+        failure = None
         for write in self.writes:
-            write.result(timeout=timeout)
-        if not bool(self.flag):
+            try:
+                write.result(timeout=timeout)
+            except Exception as exc:
+                failure = failure or exc
+        if not bool(self.flag):  # a refusal explains a failed write too (same on every process)
             raise NonFiniteStateError(
-                f"Not saving step {self.step}: the model or optimizer state has non-finite values."
-            )
+                f"Not saving step {self.step}: the model or optimizer state has non-finite values.",
+                self.step,
+            ) from failure
+        if failure is not None:
+            raise failure
 
     def cancel(self) -> bool:
-        return False
+        return all([bool(write.cancel()) for write in self.writes])
 
 
 class _Gated:

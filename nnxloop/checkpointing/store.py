@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import (
@@ -192,31 +193,34 @@ class CheckpointStore:
             refused = non_finite_error(exc)
             if refused is None:
                 raise
-            self.discard(step)
+            self.discard(refused.step)
             raise refused from None
 
     def is_saving(self) -> bool:
         return self._manager is not None and self._manager.is_saving_in_progress()
 
-    def wait(self, step: int | None = None) -> None:
+    def wait(self) -> None:
         """Blocks until background saves are done; re-raises a background failure (a refused
-        non-finite save of `step` as `NonFiniteStateError`)."""
+        non-finite save as `NonFiniteStateError`, its temporary files removed)."""
         if self._manager is None:
             return
         try:
             self._manager.wait_until_finished()
         except Exception as exc:
             refused = non_finite_error(exc)
-            if refused is None or step is None:
+            if refused is None:
                 raise
-            self.discard(step)
+            self.discard(refused.step)
             raise refused from None
 
     def discard(self, step: int) -> None:
         """Forgets a save of `step` that failed before its commit: removes its temporary
         directory and re-reads the committed steps (orbax's in-memory list already had it)."""
+        if jax.process_count() > 1:  # every process's writes into it have finished
+            multihost_utils.sync_global_devices(f"nnxloop-discard-{self.directory}-{step}")
         if jax.process_index() == 0:
-            for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+            pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
+            for path in glob.glob(pattern):
                 shutil.rmtree(path, ignore_errors=True)
         if self._manager is not None:
             self._manager.reload()
