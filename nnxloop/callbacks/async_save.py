@@ -15,7 +15,9 @@ class AsyncSaveCallback(Callback):
     raised in the training thread at the next event, naming the step.
 
     Args:
-        max_in_flight: how many saves may be written in the background at once.
+        max_in_flight: how many saves may be written in the background at once. Saves to one
+            directory are written one after the other (as orbax does), so more than 1 helps
+            when several checkpoint callbacks save (e.g. periodic and best-model).
 
     Example:
         ```python
