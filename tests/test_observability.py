@@ -102,6 +102,29 @@ def test_resumed_run_does_not_duplicate_jsonl_lines(tmp_path):
     assert [r["loss"] for r in read_jsonl(logdir)] == pytest.approx([r["loss"] for r in first])
 
 
+def test_a_checkpoint_has_every_log_line_up_to_its_step_written(tmp_path, monkeypatch):
+    # As if the host ran far ahead of the device: no queued line is ever found ready early.
+    monkeypatch.setattr(nl.metrics.PendingTotals, "ready", lambda self: False)
+    logdir = tmp_path / "logs"
+    on_disk = {}
+
+    class Probe(nl.Callback):  # runs right after the checkpoint is saved, as a kill could
+        def on_step_end(self, trainer, step, logs):
+            if step in (4, 8):
+                on_disk[step] = [r["step"] for r in read_jsonl(logdir) if "loss" in r]
+
+    callbacks = [
+        nl.MetricsLogger(logdir, every_steps=2),
+        nl.CheckpointCallback(tmp_path / "ckpt", every_steps=4),
+        Probe(),
+    ]
+    nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks).fit(
+        make_batches(), max_steps=10
+    )
+    assert on_disk == {4: [2, 4], 8: [2, 4, 6, 8]}
+    assert [r["step"] for r in read_jsonl(logdir) if "loss" in r] == [2, 4, 6, 8, 10]
+
+
 def test_logdir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

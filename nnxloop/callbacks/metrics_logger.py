@@ -91,7 +91,7 @@ class MetricsLogger(Callback):
         self.writer = None  # opened at the first write, after any checkpoint restore
         self._last = trainer.metric_totals()
         self._mark = None
-        self._queue: list[tuple[int, Any, dict[str, Any]]] = []  # lines waiting for the device
+        self._queue: list[tuple[int, Any, Any, int, Any]] = []  # lines waiting for the device
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
         if self._active and self._mark is None:  # the first step to come, after any restore
@@ -191,6 +191,15 @@ class MetricsLogger(Callback):
         self._write_ready(wait=True)
         writer.write_scalars(step, metrics)
         writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called when a checkpoint is saved: the lines up to its step are written first, so
+        # a run killed after the checkpoint and resumed from it has them all. The save needs
+        # that step's state anyway, so this waits for nothing more.
+        if self._active and self.writer is not None and self._queue:
+            self._write_ready(wait=True)
+            self.writer.flush()
+        return {}
 
     def on_train_end(self, trainer) -> None:
         if self._active and self.writer is not None:
