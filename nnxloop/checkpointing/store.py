@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -187,14 +188,8 @@ class CheckpointStore:
         if step in manager.all_steps():
             return False
         args = guarded_save_args(state, meta, step)
-        try:
+        with self._refusals():
             return bool(manager.save(step, args=args, metrics=metrics, force=True))
-        except Exception as exc:
-            refused = non_finite_error(exc)
-            if refused is None:
-                raise
-            self.discard(refused.step)
-            raise refused from None
 
     def is_saving(self) -> bool:
         return self._manager is not None and self._manager.is_saving_in_progress()
@@ -204,8 +199,15 @@ class CheckpointStore:
         non-finite save as `NonFiniteStateError`, its temporary files removed)."""
         if self._manager is None:
             return
-        try:
+        with self._refusals():
             self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _refusals(self):
+        """Turns a refused save (however orbax wraps it) into its `NonFiniteStateError`,
+        after removing what it wrote; any other error passes unchanged."""
+        try:
+            yield
         except Exception as exc:
             refused = non_finite_error(exc)
             if refused is None:
