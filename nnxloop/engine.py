@@ -115,7 +115,7 @@ class StepEngine:
         ]
         self._state_shardings = self._shardings_for(state)
         self.leaves: list[jax.Array] = []
-        self._train_fns: dict[bool, Any] = {}
+        self._train_fns: dict[tuple[str, int], Any] = {}
         batch_sharding = data_lib.batch_sharding(mesh)
         # Host batches go straight into the jitted call, which shards them along `data` on the
         # way in: far cheaper per step than a separate jax.device_put.
@@ -200,18 +200,29 @@ class StepEngine:
         sums = {k: sums[k] + metrics[k] * weight for k in sums}
         return sums, count + weight
 
-    def _train_impl(self, leaves, acc, batch, stacked):
+    def _train_impl(self, leaves, acc, xs, stacked, batch_of=lambda x: x):
+        """One step on `batch_of(xs)`, or (`stacked`) a scan of steps over the leading axis of
+        `xs`; `xs` is the batch(es) themselves, or indices into staged data."""
         if not stacked:
-            leaves, metrics = self._one_train_step(leaves, batch)
+            leaves, metrics = self._one_train_step(leaves, batch_of(xs))
             return leaves, self._accumulate(acc, metrics, 1.0), metrics
 
-        def body(carry, one_batch):
+        def body(carry, x):
             leaves, acc = carry
-            leaves, metrics = self._one_train_step(leaves, one_batch)
+            leaves, metrics = self._one_train_step(leaves, batch_of(x))
             return (leaves, self._accumulate(acc, metrics, 1.0)), metrics
 
-        (leaves, acc), metrics = jax.lax.scan(body, (leaves, acc), batch)
+        (leaves, acc), metrics = jax.lax.scan(body, (leaves, acc), xs)
         return leaves, acc, metrics
+
+    def _staged_impl(self, leaves, acc, data, start, steps):
+        def batch_of(i):
+            return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), data)
+
+        if steps == 1:
+            return self._train_impl(leaves, acc, start, False, batch_of)
+        indices = start + jnp.arange(steps, dtype=start.dtype)
+        return self._train_impl(leaves, acc, indices, True, batch_of)
 
     def _eval_impl(self, leaves, acc, batch):
         model, _ = self._merge(self._graphdef_eval, leaves)
@@ -246,7 +257,7 @@ class StepEngine:
         return self._zero_acc
 
     def _train_fn(self, stacked: bool):
-        fn = self._train_fns.get(stacked)
+        fn = self._train_fns.get(("host", stacked))
         if fn is None:
             fn = jax.jit(
                 lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
@@ -260,8 +271,35 @@ class StepEngine:
                 ),
                 out_shardings=(self._state_shardings, self._replicated, self._replicated),
             )
-            self._train_fns[stacked] = fn
+            self._train_fns[("host", stacked)] = fn
         return fn
+
+    def _staged_fn(self, steps: int):
+        fn = self._train_fns.get(("staged", steps))
+        if fn is None:
+            fn = jax.jit(
+                lambda leaves, acc, data, start: self._staged_impl(leaves, acc, data, start, steps),
+                donate_argnums=(0,),
+                in_shardings=(
+                    self._state_shardings,
+                    self._replicated,
+                    data_lib.batch_sharding(self.mesh, stacked=True),
+                    self._replicated,
+                ),
+                out_shardings=(self._state_shardings, self._replicated, self._replicated),
+            )
+            self._train_fns[("staged", steps)] = fn
+        return fn
+
+    def train_staged(self, acc, data, start: int, steps: int):
+        """Like `train`, on `steps` consecutive batches of staged `data` (each leaf
+        `[N, batch, ...]` on the device) from index `start`: nothing crosses from the host but
+        the index."""
+        with jax.set_mesh(self.mesh):
+            self.leaves, acc, metrics = self._staged_fn(steps)(
+                self.leaves, acc, data, np.int32(start)
+            )
+        return acc, metrics
 
     def train(self, acc, batch, *, stacked: bool):
         """Runs one step (or, `stacked`, one step per leading slice of `batch`) asynchronously.

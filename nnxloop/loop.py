@@ -13,7 +13,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from nnxloop import data as data_lib
 from nnxloop.callbacks.base import StepLogs
 from nnxloop.metrics import LazyLogs
 from nnxloop.progress import evaluation_progress
@@ -21,17 +20,6 @@ from nnxloop.progress import evaluation_progress
 log = logging.getLogger("nnxloop")
 
 FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
-
-
-def _take(iterator, n: int) -> list[Any]:
-    """Up to `n` next items of `iterator` (fewer at its end)."""
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(iterator))
-        except StopIteration:
-            break
-    return out
 
 
 class FitLoop:
@@ -44,13 +32,13 @@ class FitLoop:
             return self.epoch >= epochs
         return self.step >= max_steps
 
-    def _train_loop(self, train_data, val_data, epochs, max_steps, eval_every_steps) -> None:
+    def _train_loop(self, val_data, epochs, max_steps, eval_every_steps) -> None:
         while not self._done(epochs, max_steps):
             epoch = self.epoch
             self._dispatch.call("on_epoch_begin", self, epoch)
             self._metrics.retire()
             epoch_start = self._metrics.pending()
-            finished = self._train_epoch(train_data, val_data, max_steps, eval_every_steps)
+            finished = self._train_epoch(val_data, max_steps, eval_every_steps)
             if not finished:
                 break
             self.epoch += 1
@@ -69,25 +57,11 @@ class FitLoop:
             )
             self._dispatch.call("on_epoch_end", self, epoch, logs)
 
-    def _open_epoch(self, train_data) -> Any:
-        iterator = iter(train_data)
+    def _open_epoch(self) -> None:
         state, self._pending_data_state = self._pending_data_state, None
         self._resumed, resumed = False, self._resumed
-        if self.position:
-            set_state = getattr(iterator, "set_state", None)
-            if state is not None and callable(set_state):
-                set_state(state)
-            else:
-                skipped = data_lib.skip(iterator, self.position)
-                # Worth a warning after a restore; a second fit call mid-epoch is routine.
-                (log.warning if resumed else log.info)(
-                    "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
-                    "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
-                    self.position,
-                    self.epoch,
-                    skipped,
-                )
-        return iterator
+        self._feed.open(self.position, state, resumed, self.epoch)
+        self._iterator = self._feed.iterator
 
     def _chunk_end(self, max_steps, eval_every_steps) -> int:
         step, k = self.step, self.steps_per_dispatch
@@ -101,9 +75,9 @@ class FitLoop:
             end = min(end, asked)
         return end
 
-    def _train_epoch(self, train_data, val_data, max_steps, eval_every_steps) -> bool:
+    def _train_epoch(self, val_data, max_steps, eval_every_steps) -> bool:
         """Trains until the data runs out (returns True) or training must stop (False)."""
-        self._iterator = iterator = self._open_epoch(train_data)
+        self._open_epoch()
         k = self.steps_per_dispatch
         saw_batch = self.position > 0
 
@@ -115,10 +89,11 @@ class FitLoop:
             if self.stop_training or (max_steps is not None and self.step >= max_steps):
                 return False
             wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
-            # Batches are pulled only as they are used, so the iterator's position (and its
-            # checkpointed state) always matches the steps done.
-            batches = _take(iterator, k if wanted == k else 1)
-            if not batches:
+            # One K-step dispatch, or single steps: for a shortened chunk, and for the last
+            # few batches of an epoch (fewer than K), which are already taken and so run to
+            # their end.
+            dispatches = self._feed.take(k if wanted == k else 1, k)
+            if not dispatches:
                 if not saw_batch:
                     raise ValueError(
                         "train_data yielded no batches for an epoch; check that it is not empty "
@@ -126,27 +101,15 @@ class FitLoop:
                     )
                 return True
             saw_batch = True
-            sizes = [data_lib.batch_size(b, self.mesh) for b in batches]
-            self._metrics.start(self._engine.zero_accumulator(batches[0]))
-            if len(batches) > 1 and len(batches) == k:
-                stacked = data_lib.prepare(data_lib.stack(batches), self.mesh, stacked=True)
-                metrics = self._train(stacked, stacked=True)
+            for dispatch in dispatches:
+                self._metrics.start(self._engine.zero_accumulator(dispatch.sample))
+                acc, metrics = dispatch.run(self._engine, self._metrics.acc)
+                self._metrics.advance(acc)
                 self.last_metrics = metrics
-                self._after_steps(metrics, sizes, stacked=True, evaluate=evaluate)
-            else:
-                # A single step, or the last few batches of an epoch (fewer than K), which
-                # are already pulled and so run to their end as one dispatch.
-                for batch, size in zip(batches, sizes):
-                    batch = data_lib.prepare(batch, self.mesh)
-                    metrics = self._train(batch, stacked=False)
-                    self.last_metrics = metrics
-                    self._after_steps(metrics, [size], stacked=False, evaluate=evaluate)
-            self._end_dispatch(len(batches))
-
-    def _train(self, batch, *, stacked: bool):
-        acc, metrics = self._engine.train(self._metrics.acc, batch, stacked=stacked)
-        self._metrics.advance(acc)
-        return metrics
+                self._after_steps(
+                    metrics, dispatch.sizes, stacked=dispatch.stacked, evaluate=evaluate
+                )
+            self._end_dispatch(sum(len(d.sizes) for d in dispatches))
 
     def _end_dispatch(self, steps: int) -> None:
         if self.step // FOLD_EVERY != (self.step - steps) // FOLD_EVERY:

@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from nnxloop import data as data_lib
+from nnxloop import feed
 from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
@@ -65,6 +66,12 @@ class Trainer(FitLoop):
         progress: show a progress bar; `None` shows one when stderr is a terminal.
         seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
             arguments; `None` keeps the streams the model was built with.
+        stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
+            device once per `fit` call and index it inside the compiled step, so no step
+            stacks or transfers a batch. `None` does so when the batches fit in 256 MiB (at
+            most 1/16 of an accelerator's memory) in a single-process run; `True` always (an
+            error says why when it cannot); `False` never. The batches are read once, when
+            `fit` starts: changes made to them during `fit` are not seen.
 
     Example:
         ```python
@@ -85,6 +92,7 @@ class Trainer(FitLoop):
         log_every_steps: int = 50,
         progress: bool | None = None,
         seed: int | None = 0,
+        stage_data: bool | None = None,
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
@@ -96,6 +104,8 @@ class Trainer(FitLoop):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if stage_data not in (None, True, False):
+            raise ValueError(f"stage_data must be None, True or False, got {stage_data!r}.")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
         if loss_fn is None and not (_overrides(self, "loss_fn") or _overrides(self, "train_step")):
@@ -109,6 +119,7 @@ class Trainer(FitLoop):
         self.mesh = mesh if mesh is not None else data_lib.default_mesh()
         self.callbacks = CallbackList(callbacks)
         self.steps_per_dispatch = steps_per_dispatch
+        self.stage_data = stage_data
         self.log_every_steps = log_every_steps
         self.progress = progress
         self.tx = tx
@@ -137,6 +148,7 @@ class Trainer(FitLoop):
         self._running = False
         self._metrics = Accumulation()
         self._iterator = None
+        self._feed: Any = None
         self._pending_data_state = None
         self._resumed = False
         self._preemption = PreemptionWatcher()
@@ -292,6 +304,7 @@ class Trainer(FitLoop):
                 "again each epoch: pass a list, a grain dataset or loader, or use max_steps."
             )
 
+        self._feed = feed.for_fit(train_data, self.mesh, self.stage_data)
         self.history = History()
         self.stop_training = False
         self.preempted = False
@@ -308,7 +321,7 @@ class Trainer(FitLoop):
         try:
             with self._preemption.installed():
                 self._dispatch.call("on_train_begin", self)
-                self._train_loop(train_data, val_data, epochs, max_steps, eval_every_steps)
+                self._train_loop(val_data, epochs, max_steps, eval_every_steps)
                 self.history.stopped_early = self.stop_training and not self.preempted
                 self._dispatch.call("on_train_end", self)
                 self._settle_history(first_epoch)
@@ -324,7 +337,7 @@ class Trainer(FitLoop):
         finally:
             self._engine.sync_to_objects()
             self._running = False
-            self._iterator = None
+            self._iterator = self._feed = None
         return self.history
 
     def _settle_history(self, first_epoch: int) -> None:

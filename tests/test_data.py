@@ -79,3 +79,58 @@ def test_device_batches_train_like_host_batches_with_steps_per_dispatch():
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_array_equal(a, b)
+
+
+class Reiterable:
+    """A re-iterable that is not a list: never staged."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_staged_and_iterated_data_train_alike(monkeypatch):
+    # 7 batches of 16 and a last one of 8: with K=4 the second dispatch of each epoch holds
+    # the small batch, so it runs as single steps on either path.
+    batches = make_batches(n_batches=8)
+    batches[-1] = jax.tree.map(lambda x: x[:8], batches[-1])
+
+    def run(data, stage_data=None, split_at=None):
+        trainer = nl.Trainer(
+            make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=4, stage_data=stage_data
+        )
+        if split_at:  # a second fit call resumes mid-epoch
+            trainer.fit(data, max_steps=split_at)
+        history = trainer.fit(data, epochs=2)
+        return trainer, history.epochs[-1]["loss"], leaves_of(trainer.model)
+
+    staged, *want = run(batches)
+    assert {("staged", 4), ("staged", 1), ("host", False)} == set(staged.engine._train_fns)
+    iterated, *got = run(Reiterable(batches))
+    assert ("host", True) in iterated.engine._train_fns
+    runs = [
+        got,
+        run(batches, stage_data=False)[1:],
+        run(batches, split_at=5)[1:],
+        run(tuple(batches), stage_data=True, split_at=10)[1:],
+    ]
+    monkeypatch.setattr(nl.feed, "STAGE_AUTO_BYTES", 1000)  # over the automatic limit
+    over_limit, *more = run(batches)
+    assert not any(kind == "staged" for kind, _ in over_limit.engine._train_fns)
+    for i, (loss, leaves) in enumerate([*runs, more]):
+        if i != 3:  # (split mid-epoch 1: that average covers only the second call's steps)
+            assert loss == want[0]
+        for a, b in zip(leaves, want[1]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stage_data_true_says_why_it_cannot_stage():
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, stage_data=True)
+    with pytest.raises(ValueError, match="cannot be staged on the device: it is a Reiterable"):
+        trainer.fit(Reiterable(make_batches(2)), max_steps=1)
+    with pytest.raises(ValueError, match="not NumPy or JAX arrays"):
+        trainer.fit([{"x": [[0.0] * 6] * 4, "y": [0] * 4}], max_steps=1)
+    with pytest.raises(ValueError, match="stage_data must be None, True or False"):
+        nl.Trainer(make_model(), tx(), loss_fn=loss_fn, stage_data="yes")

@@ -1,0 +1,223 @@
+"""Where the batches of a `fit` come from, cut into dispatches.
+
+`IteratorFeed` pulls batches from a fresh iterator over `train_data` each epoch and passes them
+into the jitted call (stacked for a K-step scan). `StagedFeed` is for a list or tuple of
+same-shaped batches: it copies them to the device once per `fit` call, and a dispatch then
+passes only the index of its first batch, so a step costs no host-side stacking and no
+host-to-device copy. Both cut an epoch into the same dispatches, so a run gives the same
+parameters whichever feeds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from nnxloop import data as data_lib
+
+log = logging.getLogger("nnxloop")
+
+# `stage_data=None` stages a list or tuple of batches up to this size (and never more than a
+# sixteenth of an accelerator's memory): e.g. a 60k-example float32 MNIST is 188 MB.
+STAGE_AUTO_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass
+class Dispatch:
+    """One jitted call of the engine: `run(engine, acc) -> (acc, metrics)` over `len(sizes)`
+    steps (the metrics stacked when `stacked`). `sample` is a batch, or its shapes, as the
+    steps see it."""
+
+    run: Callable[[Any, Any], tuple[Any, Any]]
+    sizes: list[int]
+    stacked: bool
+    sample: Any
+
+
+def _dtype(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.result_type(x)
+
+
+def _layout(batch: Any) -> tuple[Any, list[tuple[tuple[int, ...], np.dtype]]]:
+    return jax.tree.structure(batch), [(np.shape(x), _dtype(x)) for x in jax.tree.leaves(batch)]
+
+
+def _same_shapes(batches: list[Any]) -> bool:
+    first = _layout(batches[0])
+    return all(_layout(b) == first for b in batches[1:])
+
+
+def host_dispatches(batches: list[Any], k: int, mesh: Mesh) -> list[Dispatch]:
+    """Dispatches for batches pulled on the host: one K-step scan when there are exactly K
+    (K > 1) alike batches, else one single step per batch."""
+    sizes = [data_lib.batch_size(b, mesh) for b in batches]
+    if len(batches) == k > 1 and _same_shapes(batches):
+
+        def run_stacked(engine, acc):
+            stacked = data_lib.prepare(data_lib.stack(batches), mesh, stacked=True)
+            return engine.train(acc, stacked, stacked=True)
+
+        return [Dispatch(run_stacked, sizes, True, batches[0])]
+
+    def single(batch):
+        def run(engine, acc):
+            return engine.train(acc, data_lib.prepare(batch, mesh), stacked=False)
+
+        return run
+
+    return [Dispatch(single(b), [s], False, b) for b, s in zip(batches, sizes)]
+
+
+class IteratorFeed:
+    """Pulls each epoch's batches from a new iterator over `train_data`, only as they are used,
+    so the iterator's position (and its checkpointed state) always matches the steps done."""
+
+    def __init__(self, train_data: Iterable[Any], mesh: Mesh):
+        self._data = train_data
+        self._mesh = mesh
+        self.iterator: Any = None
+
+    def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
+        self.iterator = iter(self._data)
+        if not position:
+            return
+        set_state = getattr(self.iterator, "set_state", None)
+        if data_state is not None and callable(set_state):
+            set_state(data_state)
+            return
+        skipped = data_lib.skip(self.iterator, position)
+        # Worth a warning after a restore; a second fit call mid-epoch is routine.
+        (log.warning if resumed else log.info)(
+            "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
+            "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
+            position,
+            epoch,
+            skipped,
+        )
+
+    def take(self, n: int, k: int) -> list[Dispatch]:
+        batches = []
+        for _ in range(n):
+            try:
+                batches.append(next(self.iterator))
+            except StopIteration:
+                break
+        return host_dispatches(batches, k, self._mesh) if batches else []
+
+
+class StagedFeed:
+    """A list or tuple of batches held on the device as one array per leaf, `[N, batch, ...]`
+    (sharded along `data` on axis 1), indexed inside the jitted call.
+
+    The leading run of alike batches is staged; any batches after it (a smaller last batch)
+    are passed from the host as usual. Built by `stage`.
+    """
+
+    def __init__(self, batches: list[Any], count: int, arrays: Any, size: int, mesh: Mesh):
+        self._batches = batches
+        self._count = count
+        self._arrays = arrays
+        self._size = size
+        self._mesh = mesh
+        self._sample = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), arrays)
+        self._cursor = 0
+        self.iterator = None  # no iterator state: the position alone says where an epoch is
+
+    def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
+        self._cursor = min(position, len(self._batches))
+
+    def take(self, n: int, k: int) -> list[Dispatch]:
+        start = self._cursor
+        end = min(start + n, len(self._batches))
+        self._cursor = end
+        if end - start == k > 1 and end <= self._count:
+            return [self._dispatch(start, k)]
+        out = []
+        for i in range(start, end):
+            if i < self._count:
+                out.append(self._dispatch(i, 1))
+            else:
+                out.extend(host_dispatches([self._batches[i]], 1, self._mesh))
+        return out
+
+    def _dispatch(self, start: int, steps: int) -> Dispatch:
+        def run(engine, acc):
+            return engine.train_staged(acc, self._arrays, start, steps)
+
+        return Dispatch(run, [self._size] * steps, steps > 1, self._sample)
+
+
+def _nbytes(batches: list[Any]) -> int:
+    return sum(_dtype(x).itemsize * np.size(x) for x in jax.tree.leaves(batches))
+
+
+def _auto_limit() -> int:
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        stats = {}
+    limit = stats.get("bytes_limit")
+    return min(STAGE_AUTO_BYTES, limit // 16) if limit else STAGE_AUTO_BYTES
+
+
+def _unstageable(train_data: Any) -> str | None:
+    """Why `train_data` cannot be staged, or None."""
+    if not isinstance(train_data, (list, tuple)):
+        return f"it is a {type(train_data).__name__}, not a list or tuple of batches"
+    if jax.process_count() > 1:
+        return "each process passes its own share of the batches (multi-process run)"
+    if not train_data:
+        return "it is empty"
+    if not all(
+        isinstance(x, (np.ndarray, jax.Array)) for b in train_data for x in jax.tree.leaves(b)
+    ):
+        return "its batches hold leaves that are not NumPy or JAX arrays"
+    return None
+
+
+def _leading_alike(batches: list[Any]) -> int:
+    """How many batches from the start share the first one's structure, shapes and dtypes."""
+    first, n = _layout(batches[0]), 1
+    while n < len(batches) and _layout(batches[n]) == first:
+        n += 1
+    return n
+
+
+def stage(train_data: Any, mesh: Mesh, mode: bool | None) -> StagedFeed | None:
+    """A `StagedFeed` for `train_data` when `mode` asks for one (None: when it fits the
+    automatic limit), else None.
+
+    Raises:
+        ValueError: `mode` is True and `train_data` cannot be staged (says why).
+    """
+    if mode is False:
+        return None
+    why = _unstageable(train_data)
+    if why is None:
+        batches = list(train_data)
+        count = _leading_alike(batches)
+        size = data_lib.batch_size(batches[0], mesh)
+        nbytes = _nbytes(batches[:count])
+        if mode is None and (count < 2 or nbytes > _auto_limit()):
+            return None
+        stacked = data_lib.stack(batches[:count])
+        arrays = jax.device_put(stacked, data_lib.batch_sharding(mesh, stacked=True))
+        return StagedFeed(batches, count, arrays, size, mesh)
+    if mode:
+        raise ValueError(
+            f"stage_data=True, but train_data cannot be staged on the device: {why}. Pass a "
+            "list or tuple of batches of NumPy or JAX arrays, or leave stage_data=None."
+        )
+    return None
+
+
+def for_fit(train_data: Any, mesh: Mesh, mode: bool | None) -> IteratorFeed | StagedFeed:
+    """The feed of one `fit` call."""
+    return stage(train_data, mesh, mode) or IteratorFeed(train_data, mesh)
