@@ -6,7 +6,9 @@ Every contender trains the same MLP (relu between the layers) with Adam (lr 1e-3
 cross-entropy, fed the same NumPy batches, on the CPU:
 
 - hand-written: `nnx.split` once + `jax.jit(donate_argnums=0)` (from bench_step.py), the 1.00x;
-- nnxloop `Trainer.fit` with `steps_per_dispatch` 1 and 8 (from bench_step.py);
+- nnxloop `Trainer.fit` with `steps_per_dispatch` 1 and 8 (from bench_step.py), the list of
+  batches staged on the device (the default for a list this small), and K=8 unstaged (each
+  batch passed from the host, as for data from an iterator);
 - the Flax tutorial loop: `train_step(model, optimizer, batch)` under `@nnx.jit`;
 - Keras 3 `model.fit` on the JAX backend, `steps_per_execution` 1 and 8;
 - PyTorch eager (a plain loop) and PyTorch Lightning `Trainer.fit`, on all cores.
@@ -169,6 +171,7 @@ def contenders(sizes, batches, steps):
         "hand-written jit": functools.partial(hand_written, sizes, batches, steps),
         "nnxloop K=1": functools.partial(trainer_loop, sizes, batches, steps, 1),
         "nnxloop K=8": functools.partial(trainer_loop, sizes, batches, steps, 8),
+        "K=8 unstaged": functools.partial(trainer_loop, sizes, batches, steps, 8, stage_data=False),
         "flax @nnx.jit": functools.partial(flax_tutorial, sizes, batches, steps),
     }
     skipped = []

@@ -167,6 +167,10 @@ def _auto_limit() -> int:
     return min(STAGE_AUTO_BYTES, limit // 16) if limit else STAGE_AUTO_BYTES
 
 
+def _arrays_only(batch: Any) -> bool:
+    return all(isinstance(x, (np.ndarray, jax.Array)) for x in jax.tree.leaves(batch))
+
+
 def _unstageable(train_data: Any) -> str | None:
     """Why `train_data` cannot be staged, or None."""
     if not isinstance(train_data, (list, tuple)):
@@ -175,17 +179,15 @@ def _unstageable(train_data: Any) -> str | None:
         return "each process passes its own share of the batches (multi-process run)"
     if not train_data:
         return "it is empty"
-    if not all(
-        isinstance(x, (np.ndarray, jax.Array)) for b in train_data for x in jax.tree.leaves(b)
-    ):
-        return "its batches hold leaves that are not NumPy or JAX arrays"
+    if not _arrays_only(train_data[0]):
+        return "its first batch holds leaves that are not NumPy or JAX arrays"
     return None
 
 
 def _leading_alike(batches: list[Any]) -> int:
     """How many batches from the start share the first one's structure, shapes and dtypes."""
     first, n = _layout(batches[0]), 1
-    while n < len(batches) and _layout(batches[n]) == first:
+    while n < len(batches) and _arrays_only(batches[n]) and _layout(batches[n]) == first:
         n += 1
     return n
 
@@ -200,22 +202,24 @@ def stage(train_data: Any, mesh: Mesh, mode: bool | None) -> StagedFeed | None:
     if mode is False:
         return None
     why = _unstageable(train_data)
-    if why is None:
-        batches = list(train_data)
-        count = _leading_alike(batches)
-        size = data_lib.batch_size(batches[0], mesh)
-        nbytes = _nbytes(batches[:count])
-        if mode is None and (count < 2 or nbytes > _auto_limit()):
-            return None
-        stacked = data_lib.stack(batches[:count])
-        arrays = jax.device_put(stacked, data_lib.batch_sharding(mesh, stacked=True))
-        return StagedFeed(batches, count, arrays, size, mesh)
-    if mode:
-        raise ValueError(
-            f"stage_data=True, but train_data cannot be staged on the device: {why}. Pass a "
-            "list or tuple of batches of NumPy or JAX arrays, or leave stage_data=None."
-        )
-    return None
+    if why is not None:
+        if mode:
+            raise ValueError(
+                f"stage_data=True, but train_data cannot be staged on the device: {why}. Pass "
+                "a list or tuple of batches of NumPy or JAX arrays, or leave stage_data=None."
+            )
+        return None
+    batches = list(train_data)
+    if mode is None and len(batches) * _nbytes(batches[:1]) > _auto_limit():
+        return None  # (before looking at every batch)
+    count = _leading_alike(batches)
+    if mode is None and count < 2:
+        return None
+    size = data_lib.batch_size(batches[0], mesh)
+    arrays = jax.device_put(
+        data_lib.stack(batches[:count]), data_lib.batch_sharding(mesh, stacked=True)
+    )
+    return StagedFeed(batches, count, arrays, size, mesh)
 
 
 def for_fit(train_data: Any, mesh: Mesh, mode: bool | None) -> IteratorFeed | StagedFeed:
