@@ -219,8 +219,6 @@ class StepEngine:
         def batch_of(i):
             return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), data)
 
-        if steps == 1:
-            return self._train_impl(leaves, acc, start, False, batch_of)
         indices = start + jnp.arange(steps, dtype=start.dtype)
         return self._train_impl(leaves, acc, indices, True, batch_of)
 
@@ -292,9 +290,9 @@ class StepEngine:
         return fn
 
     def train_staged(self, acc, data, start: int, steps: int):
-        """Like `train`, on `steps` consecutive batches of staged `data` (each leaf
-        `[N, batch, ...]` on the device) from index `start`: nothing crosses from the host but
-        the index."""
+        """Like `train` with `stacked`, scanning `steps` consecutive batches of staged `data`
+        (each leaf `[N, batch, ...]` on the device) from index `start`: nothing crosses from
+        the host but the index."""
         with jax.set_mesh(self.mesh):
             self.leaves, acc, metrics = self._staged_fn(steps)(
                 self.leaves, acc, data, np.int32(start)

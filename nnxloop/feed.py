@@ -2,8 +2,8 @@
 
 `IteratorFeed` pulls batches from a fresh iterator over `train_data` each epoch and passes them
 into the jitted call (stacked for a K-step scan). `StagedFeed` is for a list or tuple of
-same-shaped batches: it copies them to the device once per `fit` call, and a dispatch then
-passes only the index of its first batch, so a step costs no host-side stacking and no
+same-shaped batches: it copies them to the device once per `fit` call, and a K-step dispatch
+then passes only the index of its first batch, so its steps cost no host-side stacking and no
 host-to-device copy. Both cut an epoch into the same dispatches, so a run gives the same
 parameters whichever feeds it.
 """
@@ -138,20 +138,15 @@ class StagedFeed:
         end = min(start + n, len(self._batches))
         self._cursor = end
         if end - start == k > 1 and end <= self._count:
-            return [self._dispatch(start, k)]
-        out = []
-        for i in range(start, end):
-            if i < self._count:
-                out.append(self._dispatch(i, 1))
-            else:
-                out.extend(host_dispatches([self._batches[i]], 1, self._mesh))
-        return out
 
-    def _dispatch(self, start: int, steps: int) -> Dispatch:
-        def run(engine, acc):
-            return engine.train_staged(acc, self._arrays, start, steps)
+            def run(engine, acc):
+                return engine.train_staged(acc, self._arrays, start, k)
 
-        return Dispatch(run, [self._size] * steps, steps > 1, self._sample)
+            return [Dispatch(run, [self._size] * k, True, self._sample)]
+        # Single steps take their batch from the list, as unstaged ones do: on XLA's CPU
+        # backend a lone step indexing the staged arrays measured slower than one passed its
+        # batch, whereas inside a K-step scan indexing is as cheap as the scan's own slicing.
+        return host_dispatches(self._batches[start:end], 1, self._mesh)
 
 
 def _nbytes(batches: list[Any]) -> int:
@@ -192,15 +187,15 @@ def _leading_alike(batches: list[Any]) -> int:
     return n
 
 
-def stage(train_data: Any, mesh: Mesh, mode: bool | None) -> StagedFeed | None:
-    """A `StagedFeed` for `train_data` when `mode` asks for one (None: when it fits the
-    automatic limit), else None.
+def stage(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> StagedFeed | None:
+    """A `StagedFeed` for `train_data` when `mode` asks for one (None: when K > 1 and it fits
+    the automatic limit), else None.
 
     Raises:
         ValueError: `mode` is True and `train_data` cannot be staged (says why).
     """
-    if mode is False:
-        return None
+    if mode is False or (mode is None and k == 1):
+        return None  # (single steps take their batches from the list: see StagedFeed.take)
     why = _unstageable(train_data)
     if why is not None:
         if mode:
@@ -222,6 +217,6 @@ def stage(train_data: Any, mesh: Mesh, mode: bool | None) -> StagedFeed | None:
     return StagedFeed(batches, count, arrays, size, mesh)
 
 
-def for_fit(train_data: Any, mesh: Mesh, mode: bool | None) -> IteratorFeed | StagedFeed:
-    """The feed of one `fit` call."""
-    return stage(train_data, mesh, mode) or IteratorFeed(train_data, mesh)
+def for_fit(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> IteratorFeed | StagedFeed:
+    """The feed of one `fit` call with `steps_per_dispatch=k`."""
+    return stage(train_data, mesh, mode, k) or IteratorFeed(train_data, mesh)

@@ -67,11 +67,13 @@ class Trainer(FitLoop):
         seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
             arguments; `None` keeps the streams the model was built with.
         stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
-            device once per `fit` call and index it inside the compiled step, so no step
-            stacks or transfers a batch. `None` does so when the batches fit in 256 MiB (at
-            most 1/16 of an accelerator's memory) in a single-process run; `True` always (an
-            error says why when it cannot); `False` never. The batches are read once, when
-            `fit` starts: changes made to them during `fit` are not seen.
+            device once per `fit` call, so that a K-step dispatch indexes it inside the
+            compiled step instead of stacking and transferring K batches. `None` does so when
+            `steps_per_dispatch > 1` and the batches fit in 256 MiB (at most 1/16 of an
+            accelerator's memory), in a single-process run; `True` always (an error says why
+            when it cannot); `False` never. Single steps take their batch from the list either
+            way. The batches are read once, when `fit` starts: changes made to them during
+            `fit` are not seen.
 
     Example:
         ```python
@@ -304,7 +306,7 @@ class Trainer(FitLoop):
                 "again each epoch: pass a list, a grain dataset or loader, or use max_steps."
             )
 
-        self._feed = feed.for_fit(train_data, self.mesh, self.stage_data)
+        self._feed = feed.for_fit(train_data, self.mesh, self.stage_data, self.steps_per_dispatch)
         self.history = History()
         self.stop_training = False
         self.preempted = False
