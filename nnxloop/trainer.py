@@ -67,13 +67,12 @@ class Trainer(FitLoop):
         seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
             arguments; `None` keeps the streams the model was built with.
         stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
-            device once per `fit` call, so that a K-step dispatch indexes it inside the
-            compiled step instead of stacking and transferring K batches. `None` does so when
-            `steps_per_dispatch > 1` and the batches fit in 256 MiB (at most 1/16 of an
-            accelerator's memory), in a single-process run; `True` always (an error says why
-            when it cannot); `False` never. Single steps take their batch from the list either
-            way. The batches are read once, when `fit` starts: changes made to them during
-            `fit` are not seen.
+            device once per `fit` call, so that no step stacks, checks or transfers a batch
+            on the host (a K-step dispatch indexes the staged arrays inside its scan). `None`
+            does so when the batches fit in 256 MiB (at most 1/16 of an accelerator's
+            memory), in a single-process run; `True` always (an error says why when it
+            cannot); `False` never. The batches are read once, when `fit` starts: changes
+            made to them during `fit` are not seen.
 
     Example:
         ```python

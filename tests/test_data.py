@@ -97,9 +97,9 @@ def test_staged_and_iterated_data_train_alike(monkeypatch):
     batches = make_batches(n_batches=8)
     batches[-1] = jax.tree.map(lambda x: x[:8], batches[-1])
 
-    def run(data, stage_data=None, split_at=None):
+    def run(data, stage_data=None, split_at=None, k=4):
         trainer = nl.Trainer(
-            make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=4, stage_data=stage_data
+            make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=k, stage_data=stage_data
         )
         if split_at:  # a second fit call resumes mid-epoch
             trainer.fit(data, max_steps=split_at)
@@ -124,12 +124,29 @@ def test_staged_and_iterated_data_train_alike(monkeypatch):
             assert loss == want[0]
         for a, b in zip(leaves, want[1]):
             np.testing.assert_array_equal(a, b)
+    # K=1: each batch is staged as it is
+    _, *want = run(batches, k=1)
+    _, *got = run(batches, k=1, stage_data=False)
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_staged_steps_prepare_no_batch_on_the_host(monkeypatch):
+    prepared = []
+    prepare = nl.data.prepare
+    monkeypatch.setattr(
+        nl.data, "prepare", lambda b, *a, **kw: prepared.append(1) or prepare(b, *a, **kw)
+    )
+    batches = make_batches(n_batches=5)
+    batches[-1] = jax.tree.map(lambda x: x[:8], batches[-1])  # not alike: passed from the host
+    for k, data, want in ((1, batches, 2), (2, batches[:4], 0)):
+        prepared.clear()
+        nl.Trainer(make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=k).fit(data, epochs=2)
+        assert len(prepared) == want  # K=1: the small batch, once an epoch
 
 
 def test_stage_data_true_says_why_it_cannot_stage():
-    single = nl.Trainer(make_model(), tx(), loss_fn=loss_fn)
-    single.fit(make_batches(2), max_steps=1)  # K=1: nothing to stage for by default
-    assert set(single.engine._train_fns) == {("host", False)}
     trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, stage_data=True)
     with pytest.raises(ValueError, match="cannot be staged on the device: it is a Reiterable"):
         trainer.fit(Reiterable(make_batches(2)), max_steps=1)
