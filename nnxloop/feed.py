@@ -80,12 +80,15 @@ class IteratorFeed:
     so the iterator's position (and its checkpointed state) always matches the steps done."""
 
     def __init__(self, train_data: Iterable[Any], mesh: Mesh):
-        self._data = train_data
+        self.data = train_data
         self._mesh = mesh
         self.iterator: Any = None
 
+    def changed(self) -> bool:
+        return False  # a new iterator each epoch sees the data as it is then
+
     def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
-        self.iterator = iter(self._data)
+        self.iterator = iter(self.data)
         if not position:
             return
         set_state = getattr(self.iterator, "set_state", None)
@@ -126,7 +129,9 @@ class StagedFeed:
     are passed from the host as usual. Built by `stage`.
     """
 
-    def __init__(self, batches: list[Any], count: int, k: int, mesh: Mesh):
+    def __init__(self, train_data: Any, count: int, k: int, mesh: Mesh):
+        self.data = train_data
+        batches = self._originals = list(train_data)
         self._count = count
         self._size = data_lib.batch_size(batches[0], mesh)
         self._mesh = mesh
@@ -144,6 +149,14 @@ class StagedFeed:
             sharding = data_lib.batch_sharding(mesh)
             for i in range(count):
                 self._batches[i] = jax.device_put(jax.tree.map(_own, batches[i]), sharding)
+
+    def changed(self) -> bool:
+        """Whether the list now holds other batches than when staged (replaced, reordered,
+        added or removed: e.g. shuffled in `on_epoch_begin`); checked at each epoch start."""
+        data = self.data
+        return len(data) != len(self._originals) or any(
+            a is not b for a, b in zip(data, self._originals)
+        )
 
     def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
         self._cursor = min(position, len(self._batches))
@@ -165,7 +178,7 @@ class StagedFeed:
                 return engine.train(acc, batch, stacked=False)
 
             return [Dispatch(run_single, [self._size], False, batch)]
-        return host_dispatches(self._batches[start:end], 1, self._mesh)
+        return host_dispatches(self._batches[start:end], k, self._mesh)
 
 
 def _own(x: Any) -> Any:
@@ -235,7 +248,7 @@ def stage(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> StagedFeed 
     count = _leading_alike(batches)
     if mode is None and count < 2:
         return None
-    return StagedFeed(batches, count, k, mesh)
+    return StagedFeed(train_data, count, k, mesh)
 
 
 def for_fit(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> IteratorFeed | StagedFeed:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from nnxloop import feed
 from nnxloop.callbacks.base import StepLogs
 from nnxloop.metrics import LazyLogs
 from nnxloop.progress import evaluation_progress
@@ -60,6 +61,10 @@ class FitLoop:
     def _open_epoch(self) -> None:
         state, self._pending_data_state = self._pending_data_state, None
         self._resumed, resumed = False, self._resumed
+        if self._feed.changed():  # the list was reordered or its batches replaced: stage anew
+            self._feed = feed.for_fit(
+                self._feed.data, self.mesh, self.stage_data, self.steps_per_dispatch
+            )
         self._feed.open(self.position, state, resumed, self.epoch)
         self._iterator = self._feed.iterator
 

@@ -67,12 +67,14 @@ class Trainer(FitLoop):
         seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
             arguments; `None` keeps the streams the model was built with.
         stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
-            device once per `fit` call, so that no step stacks, checks or transfers a batch
-            on the host (a K-step dispatch indexes the staged arrays inside its scan). `None`
-            does so when the batches fit in 256 MiB (at most 1/16 of an accelerator's
+            device once per `fit` call, so that K-step dispatches (and, with K = 1, every
+            step) stack, check and transfer no batch on the host: a K-step dispatch indexes
+            the staged arrays inside its scan. `None` does so when at least the first two
+            batches are alike and they fit in 256 MiB (at most 1/16 of an accelerator's
             memory), in a single-process run; `True` always (an error says why when it
-            cannot); `False` never. The batches are read once, when `fit` starts: changes
-            made to them during `fit` are not seen.
+            cannot); `False` never. A list that holds other batches at an epoch start
+            (shuffled in `on_epoch_begin`, say) is staged anew; arrays changed in place
+            during `fit` are not reliably seen, so treat them as read-only while it runs.
 
     Example:
         ```python

@@ -132,6 +132,31 @@ def test_staged_and_iterated_data_train_alike(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_list_shuffled_between_epochs_is_staged_anew():
+    class Shuffle(nl.Callback):
+        def __init__(self, data):
+            self.data = data
+
+        def on_epoch_begin(self, trainer, epoch):
+            np.random.default_rng(epoch).shuffle(self.data)
+
+    results = []
+    for stage_data in (None, False):
+        data = make_batches(n_batches=4)
+        trainer = nl.Trainer(
+            make_model(),
+            tx(),
+            loss_fn=loss_fn,
+            steps_per_dispatch=2,
+            stage_data=stage_data,
+            callbacks=[Shuffle(data)],
+        )
+        trainer.fit(data, epochs=3)
+        results.append(leaves_of(trainer.model))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_staged_steps_prepare_no_batch_on_the_host(monkeypatch):
     prepared = []
     prepare = nl.data.prepare
