@@ -254,40 +254,41 @@ class StepEngine:
             self._zero_acc = self._zeros(self.metric_names)  # never donated: one serves all
         return self._zero_acc
 
-    def _train_fn(self, stacked: bool):
-        fn = self._train_fns.get(("host", stacked))
+    def _compiled(self, key: tuple[str, int], impl, data_sharding, *more_shardings):
+        """The jitted training function for `key`, compiled on first use: `impl(leaves, acc,
+        data, *more)` donating only the state leaves. The accumulator is not donated: an old
+        one stays readable, so metrics are read from the device without stopping the dispatch
+        queue."""
+        fn = self._train_fns.get(key)
         if fn is None:
             fn = jax.jit(
-                lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
-                # The accumulator is not donated: an old one stays readable, so metrics are
-                # read from the device without stopping the dispatch queue.
+                impl,
                 donate_argnums=(0,),
                 in_shardings=(
                     self._state_shardings,
                     self._replicated,
-                    data_lib.batch_sharding(self.mesh, stacked=stacked),
+                    data_sharding,
+                    *more_shardings,
                 ),
                 out_shardings=(self._state_shardings, self._replicated, self._replicated),
             )
-            self._train_fns[("host", stacked)] = fn
+            self._train_fns[key] = fn
         return fn
 
+    def _train_fn(self, stacked: bool):
+        return self._compiled(
+            ("host", stacked),
+            lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
+            data_lib.batch_sharding(self.mesh, stacked=stacked),
+        )
+
     def _staged_fn(self, steps: int):
-        fn = self._train_fns.get(("staged", steps))
-        if fn is None:
-            fn = jax.jit(
-                lambda leaves, acc, data, start: self._staged_impl(leaves, acc, data, start, steps),
-                donate_argnums=(0,),
-                in_shardings=(
-                    self._state_shardings,
-                    self._replicated,
-                    data_lib.batch_sharding(self.mesh, stacked=True),
-                    self._replicated,
-                ),
-                out_shardings=(self._state_shardings, self._replicated, self._replicated),
-            )
-            self._train_fns[("staged", steps)] = fn
-        return fn
+        return self._compiled(
+            ("staged", steps),
+            lambda leaves, acc, data, start: self._staged_impl(leaves, acc, data, start, steps),
+            data_lib.batch_sharding(self.mesh, stacked=True),
+            self._replicated,
+        )
 
     def train_staged(self, acc, data, start: int, steps: int):
         """Like `train` with `stacked`, scanning `steps` consecutive batches of staged `data`

@@ -137,7 +137,7 @@ class StagedFeed:
         self._mesh = mesh
         self._cursor = 0
         self.iterator = None  # no iterator state: the position alone says where an epoch is
-        self._batches = list(batches)
+        self._batches = batches
         self._arrays = None
         if k > 1:
             stacked = data_lib.stack(batches[:count])  # a new array: the batches are read now
@@ -147,8 +147,10 @@ class StagedFeed:
             )
         else:
             sharding = data_lib.batch_sharding(mesh)
-            for i in range(count):
-                self._batches[i] = jax.device_put(jax.tree.map(_own, batches[i]), sharding)
+            self._batches = [
+                jax.device_put(jax.tree.map(_own, b), sharding) if i < count else b
+                for i, b in enumerate(batches)
+            ]
 
     def changed(self) -> bool:
         """Whether the list now holds other batches than when staged (replaced, reordered,
