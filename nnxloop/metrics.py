@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import jax
@@ -45,13 +45,30 @@ class MetricTotals:
         return TotalsSnapshot(dict(self.sums), self.count)
 
 
-def _start_copy(acc: Any) -> None:
-    for leaf in jax.tree.leaves(acc):
-        leaf.copy_to_host_async()
+class _Sums:
+    """One device accumulator on its way to the host: its copy is started when it is made,
+    and it is read (once, however many `PendingTotals` hold it) by `_read`."""
+
+    __slots__ = ("device", "host")
+
+    def __init__(self, acc: Any):
+        for leaf in jax.tree.leaves(acc):
+            leaf.copy_to_host_async()
+        self.device = acc
+        self.host: tuple[Mapping[str, Any], Any] | None = None
+
+    def ready(self) -> bool:
+        if self.host is not None:
+            return True
+        return all(leaf.is_ready() for leaf in jax.tree.leaves(self.device))
 
 
-def _is_ready(acc: Any) -> bool:
-    return all(leaf.is_ready() for leaf in jax.tree.leaves(acc))
+def _read(entries: Iterable[_Sums]) -> None:
+    """Reads every entry not read yet, in one `device_get`."""
+    missing = [e for e in entries if e.host is None]
+    if missing:
+        for entry, value in zip(missing, jax.device_get([e.device for e in missing])):
+            entry.host, entry.device = value, None
 
 
 class PendingTotals:
@@ -62,23 +79,24 @@ class PendingTotals:
     `resolve` waits for those copies; `ready` says whether it would have to.
     """
 
-    def __init__(self, base: TotalsSnapshot, accumulators: tuple[Any, ...]):
+    def __init__(self, base: TotalsSnapshot, entries: tuple[_Sums, ...]):
         self._base = base
-        self._accumulators = accumulators  # their copies to the host are already started
-        self._resolved: TotalsSnapshot | None = None if accumulators else base
+        self._entries = entries
+        self._resolved: TotalsSnapshot | None = None if entries else base
 
     def ready(self) -> bool:
         # Dispatches complete in order: the newest accumulator is the last to be ready.
-        return self._resolved is not None or _is_ready(self._accumulators[-1])
+        return self._resolved is not None or self._entries[-1].ready()
 
     def resolve(self) -> TotalsSnapshot:
         if self._resolved is None:
+            _read(self._entries)
             totals = MetricTotals()
             totals.add(self._base.sums, self._base.count)
-            for sums, count in jax.device_get(self._accumulators):
-                totals.add(sums, count)
+            for entry in self._entries:
+                totals.add(*entry.host)
             self._resolved = totals.snapshot()
-            self._accumulators = ()
+            self._entries = ()
         return self._resolved
 
     def average_since(self, start: PendingTotals) -> dict[str, float]:
@@ -93,8 +111,9 @@ class Accumulation:
     dispatch; never donated, so an old one stays readable). `retire` (at epoch ends and
     every `FOLD_EVERY` steps, the same steps on every process) starts a fresh accumulator and
     queues the old one for the host, which folds it in once its copy has arrived, without
-    waiting. So the dispatch queue is never drained just to keep metrics, and float32 sums
-    never run over more than `FOLD_EVERY` steps.
+    waiting. So the dispatch queue is never drained just to keep metrics, float32 sums never
+    run over more than `FOLD_EVERY` steps, and each accumulator is read from the device once,
+    however many pending totals (epoch averages, logger windows) include it.
     """
 
     def __init__(self) -> None:
@@ -102,30 +121,36 @@ class Accumulation:
         self.acc: Any = None  # the current device accumulator
         self.zero: Any = None  # a zero accumulator of the same structure (reused)
         self.dirty = False  # acc holds steps
-        self._retired: list[Any] = []
+        self._retired: list[_Sums] = []
+        self._current: _Sums | None = None  # acc, as a pending read (while it is unchanged)
 
     def start(self, zero: Any) -> None:
         if self.acc is None:
             self.acc = self.zero = zero
 
     def advance(self, acc: Any) -> None:
-        self.acc, self.dirty = acc, True
+        self.acc, self.dirty, self._current = acc, True, None
 
     def retire(self) -> None:
         if self.dirty:
-            _start_copy(self.acc)
-            self._retired.append(self.acc)
-            self.acc, self.dirty = self.zero, False
-        while self._retired and _is_ready(self._retired[0]):
-            sums, count = jax.device_get(self._retired.pop(0))
-            self.totals.add(sums, count)
+            self._retired.append(self._current or _Sums(self.acc))
+            self.acc, self.dirty, self._current = self.zero, False, None
+        ready = 0
+        while ready < len(self._retired) and self._retired[ready].ready():
+            ready += 1
+        if ready:
+            folded, self._retired = self._retired[:ready], self._retired[ready:]
+            _read(folded)
+            for entry in folded:
+                self.totals.add(*entry.host)
 
     def pending(self) -> PendingTotals:
         """The totals up to now, read lazily (see `PendingTotals`)."""
         if not self.dirty:
             return PendingTotals(self.totals.snapshot(), tuple(self._retired))
-        _start_copy(self.acc)
-        return PendingTotals(self.totals.snapshot(), (*self._retired, self.acc))
+        if self._current is None:
+            self._current = _Sums(self.acc)
+        return PendingTotals(self.totals.snapshot(), (*self._retired, self._current))
 
 
 class LazyLogs(MutableMapping):
