@@ -21,19 +21,35 @@ from nnxloop import data as data_lib
 Metrics = dict[str, jax.Array]
 
 
-def place(leaf: Any, sharding: NamedSharding, *, copy: bool = True) -> jax.Array:
-    """`leaf` laid out with `sharding` (also across processes, also for PRNG keys).
+def _is_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
-    With `copy`, the result never shares a buffer with `leaf`: donating the engine's buffers
-    must not delete arrays a user still holds. (`device_put(..., may_alias=False)` is not
-    enough: over several devices it can still reuse the source buffer for one shard.)
+
+# Copies on the devices the arrays are on (so valid in any mesh context), all in one call.
+_copies = jax.jit(lambda xs: [jnp.array(x, copy=True) for x in xs])
+
+
+def place_all(
+    leaves: list[Any], shardings: list[NamedSharding], *, copy: bool = True
+) -> list[jax.Array]:
+    """`leaves` laid out with `shardings` (also across processes, also for PRNG keys).
+
+    With `copy`, no result shares a buffer with its leaf: donating the engine's buffers must
+    not delete arrays a user still holds. (`device_put(..., may_alias=False)` is not enough:
+    over several devices it can still reuse the source buffer for one shard.) The copies are
+    made by one jitted call, not one call per leaf.
     """
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        data = place(jax.random.key_data(leaf), sharding, copy=copy)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-    placed = jax.device_put(leaf, sharding)
-    # Copied once on the mesh's own devices, so the copy is valid in any mesh context.
-    return jnp.array(placed, copy=True) if copy else placed
+    data = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    placed = [
+        x if isinstance(x, jax.Array) and x.sharding == s else jax.device_put(x, s)
+        for x, s in zip(data, shardings)
+    ]
+    if copy and placed:
+        placed = _copies(placed)
+    return [
+        jax.random.wrap_key_data(x, impl=jax.random.key_impl(leaf)) if _is_key(leaf) else x
+        for x, leaf in zip(placed, leaves)
+    ]
 
 
 def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:
@@ -147,18 +163,13 @@ class StepEngine:
                 "The model or optimizer changed structure since the Trainer was built (a variable "
                 "was added or removed); build a new Trainer for the new structure."
             )
-        self.leaves = [
-            place(leaf, sharding) for leaf, sharding in zip(leaves, self._state_shardings)
-        ]
+        self.leaves = place_all(leaves, self._state_shardings)
 
     def set_leaves(self, leaves: list[jax.Array]) -> None:
         """Replaces the training state (e.g. restored arrays), placed on the state shardings."""
         if len(leaves) != len(self.leaves):
             raise ValueError(f"Expected {len(self.leaves)} state arrays, got {len(leaves)}.")
-        self.leaves = [
-            place(leaf, sharding, copy=False)
-            for leaf, sharding in zip(leaves, self._state_shardings)
-        ]
+        self.leaves = place_all(leaves, self._state_shardings, copy=False)
 
     def state(self) -> nnx.State:
         """The training state as the `(model, optimizer)` state tree (the engine's own arrays)."""
@@ -176,7 +187,7 @@ class StepEngine:
 
     def sync_to_objects(self) -> None:
         """Writes the state leaves into the model and optimizer objects (copies, see above)."""
-        copies = [place(leaf, leaf.sharding) for leaf in self.leaves]
+        copies = place_all(self.leaves, [leaf.sharding for leaf in self.leaves])
         nnx.update((self.model, self.optimizer), jax.tree.unflatten(self._treedef, copies))
 
     # -- traced bodies --------------------------------------------------------------------
