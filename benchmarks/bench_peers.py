@@ -1,6 +1,6 @@
 """Training throughput against the peers, side by side, as ratios to a hand-written jit loop.
 
-    python benchmarks/bench_peers.py [--quick] [--repeats N]
+    python benchmarks/bench_peers.py [--quick] [--repeats N] [--config 784-32-32-10]
 
 Every contender trains the same MLP (relu between the layers) with Adam (lr 1e-3) on softmax
 cross-entropy, fed the same NumPy batches, on the CPU:
@@ -197,6 +197,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="measure only the models whose name starts with this (repeatable), e.g. 784-32-32-10",
+    )
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     # (name, layer sizes, batch size, steps, distinct batches): the big model gets few distinct
@@ -209,6 +214,11 @@ def main(argv=None):
             ("784-256-256-10 b128", (784, 256, 256, 10), 128, 600, 32),
             ("784-2048-2048-10 b512", (784, 2048, 2048, 10), 512, 32, 2),
         ]
+    if args.config:
+        names = [c[0] for c in configs]
+        configs = [c for c in configs if any(c[0].startswith(p) for p in args.config)]
+        if not configs:
+            parser.error(f"--config {args.config} matches none of the models: {names}")
     print(versions_line("jax", "flax", "optax", "numpy", "keras", "torch", "lightning"))
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, {machine_line()}")
     if torch is not None:
