@@ -36,19 +36,24 @@ def place_all(
 
     With `copy`, no result shares a buffer with its leaf: donating the engine's buffers must
     not delete arrays a user still holds. (`device_put(..., may_alias=False)` is not enough:
-    over several devices it can still reuse the source buffer for one shard.) The copies are
-    made by one jitted call, not one call per leaf.
+    over several devices it can still reuse the source buffer for one shard.) Leaves already
+    laid out so are copied by one jitted call; a leaf that moves is copied as soon as it has
+    moved, so that no more than one moved leaf is held twice at a time.
     """
-    data = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
-    placed = [
-        x if isinstance(x, jax.Array) and x.sharding == s else jax.device_put(x, s)
-        for x, s in zip(data, shardings)
-    ]
-    if copy and placed:
-        placed = _copies(placed)
+    out = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    in_place = []
+    for i, (x, sharding) in enumerate(zip(out, shardings)):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            in_place.append(i)
+            continue
+        x = jax.device_put(x, sharding)
+        out[i] = jnp.array(x, copy=True) if copy else x
+    if copy and in_place:
+        for i, x in zip(in_place, _copies([out[i] for i in in_place])):
+            out[i] = x
     return [
         jax.random.wrap_key_data(x, impl=jax.random.key_impl(leaf)) if _is_key(leaf) else x
-        for x, leaf in zip(placed, leaves)
+        for x, leaf in zip(out, leaves)
     ]
 
 

@@ -254,7 +254,8 @@ class Trainer(FitLoop):
 
         Taking one does not wait for the device; `resolve()` on it (or `average_since`
         between two) does, once. Consumers keep one and difference two to average over any
-        window. Taking one changes nothing, so any subset of processes may take them.
+        window. Taking one only starts a copy to the host (no collective, no change to
+        training), so any subset of processes may take them.
         """
         return self._metrics.pending()
 

@@ -44,26 +44,40 @@ def test_epoch_metrics_average_every_step(batches):
     assert "mine" not in history.epochs[1]
 
 
-def test_each_epoch_accumulator_is_read_from_the_device_once(monkeypatch):
+@pytest.mark.parametrize("k", [1, 2])
+def test_each_epoch_accumulator_is_read_from_the_device_once(monkeypatch, k):
     # A device that lags behind the host: no accumulator is ready when an epoch ends, so
     # every epoch's averages are read at the end of fit. Reading each epoch's float32 sums
-    # once (not once per later epoch that still holds it) keeps that O(epochs).
+    # once (not once per later epoch that still holds it) keeps that O(epochs), also when a
+    # callback takes (and reads) totals of its own over the same steps.
     monkeypatch.setattr(nl.metrics._Sums, "ready", lambda self: self.host is not None)
     read, device_get = [], jax.device_get
-    monkeypatch.setattr(nl.metrics.jax, "device_get", lambda xs: read.extend(xs) or device_get(xs))
-    losses = []
+
+    def counting_device_get(xs):
+        read.extend(x for x in xs if isinstance(x, tuple) and isinstance(x[0], dict))
+        return device_get(xs)
+
+    monkeypatch.setattr(nl.metrics.jax, "device_get", counting_device_get)
+    losses, windows = [], []
 
     class Record(nl.Callback):
+        def on_epoch_begin(self, trainer, epoch):
+            self.start = trainer.metric_totals()
+
         def on_step_end(self, trainer, step, logs):
             losses.append(float(logs["loss"]))
+            end = trainer.metric_totals()
+            if step % 2 == 0:  # the epoch's last step: this window is the epoch
+                windows.append(end.average_since(self.start)["loss"])
 
     trainer = nl.Trainer(
-        make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=2, callbacks=[Record()]
+        make_model(), tx(), loss_fn=loss_fn, steps_per_dispatch=k, callbacks=[Record()]
     )
     history = trainer.fit(make_batches(n_batches=2), epochs=10)
     assert len(read) == 10
     expected = [np.mean(losses[i : i + 2]) for i in range(0, 20, 2)]
     assert history["loss"] == pytest.approx(expected, rel=1e-5)
+    assert windows == pytest.approx(history["loss"], rel=1e-9)
 
 
 def test_exactly_one_of_epochs_and_max_steps(batches):
