@@ -25,6 +25,17 @@ def _is_key(leaf: Any) -> bool:
     return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def _laid_out(x: jax.Array, sharding: NamedSharding) -> bool:
+    """Whether `x` already has `sharding`: the same mesh (axis types included: an array on an
+    Explicit mesh does not run under an Auto one) and the same layout (P() and P(None) alike)."""
+    have = x.sharding
+    return have == sharding or (
+        isinstance(have, NamedSharding)
+        and have.mesh == sharding.mesh
+        and have.is_equivalent_to(sharding, x.ndim)
+    )
+
+
 # Copies on the devices the arrays are on (so valid in any mesh context), all in one call.
 _copies = jax.jit(lambda xs: [jnp.array(x, copy=True) for x in xs])
 
@@ -43,7 +54,7 @@ def place_all(
     out = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
     in_place = []
     for i, (x, sharding) in enumerate(zip(out, shardings)):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        if isinstance(x, jax.Array) and _laid_out(x, sharding):
             in_place.append(i)
             continue
         x = jax.device_put(x, sharding)

@@ -110,6 +110,21 @@ nnx.update(model, restored.model)
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_loaded_model_evaluates_and_trains_on_a_one_device_trainer(tmp_path):
+    # load_model places the arrays on a one-device mesh of its own (Explicit axes); a Trainer
+    # on a one-device Auto mesh of the same device must still lay them out on its mesh.
+    fit([nl.CheckpointCallback(tmp_path, every_steps=4)], max_steps=4, val=False)
+    model = nl.load_model(tmp_path, make_model)
+    mesh = jax.make_mesh(
+        (1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    trainer = nl.Trainer(model, tx(), loss_fn=loss_fn, mesh=mesh)
+    before = trainer.evaluate(make_batches(n_batches=2))
+    trainer.fit(make_batches(n_batches=2), max_steps=2)
+    assert set(before) == {"loss", "accuracy"}
+    assert trainer.step == 2
+
+
 def test_best_model_keeps_best_k_and_nan_is_never_best(tmp_path):
     values = iter([3.0, 1.0, 2.0, float("nan"), 5.0, 0.5, float("inf")])
 
