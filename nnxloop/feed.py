@@ -83,6 +83,7 @@ class IteratorFeed:
         self.data = train_data
         self._mesh = mesh
         self.iterator: Any = None
+        self.length = _length(train_data)
 
     def changed(self) -> bool:
         return False  # a new iterator each epoch sees the data as it is then
@@ -138,6 +139,7 @@ class StagedFeed:
         self._cursor = 0
         self.iterator = None  # no iterator state: the position alone says where an epoch is
         self._batches = batches
+        self.length: int | None = len(batches)
         self._arrays = None
         if k > 1:
             stacked = data_lib.stack(batches[:count])  # a new array: the batches are read now
@@ -181,6 +183,17 @@ class StagedFeed:
 
             return [Dispatch(run_single, [self._size], False, batch)]
         return host_dispatches(self._batches[start:end], k, self._mesh)
+
+
+def _length(train_data: Any) -> int | None:
+    """Batches in an epoch of `train_data`, when it says (a list, a grain `MapDataset`, a
+    loader with `__len__`): the loop then knows an epoch is over at its last step. None for
+    data that only ends by running out (an iterator, a grain `IterDataset`)."""
+    try:
+        n = len(train_data)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _own(x: Any) -> Any:

@@ -9,16 +9,14 @@ land exactly. Batches are pulled from the iterator only as they are used.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from nnxloop import feed
 from nnxloop.callbacks.base import StepLogs
+from nnxloop.console import announce
 from nnxloop.metrics import LazyLogs
 from nnxloop.progress import evaluation_progress
-
-log = logging.getLogger("nnxloop")
 
 FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
 
@@ -91,6 +89,11 @@ class FitLoop:
                 self._evaluate_in_fit(val_data)
 
         while True:
+            if self.preempted:
+                return False  # stop now: a resumed run ends this epoch
+            if self.position > 0 and self._feed.length is not None:
+                if self.position >= self._feed.length:
+                    return True  # the data has a length: the epoch is over, whatever stops
             if self.stop_training or (max_steps is not None and self.step >= max_steps):
                 return False
             wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
@@ -123,7 +126,7 @@ class FitLoop:
         if self._preemption.should_stop(self._boundaries):
             self.preempted = self.history.preempted = True
             self.stop_training = True
-            log.warning("Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step)
+            announce("Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step)
 
     def _after_steps(self, metrics, sizes, *, stacked: bool, evaluate) -> None:
         """Advances the counters over a dispatch's steps and sends `on_step_end` for each.

@@ -14,6 +14,7 @@ from flax import nnx
 from nnxloop import data as data_lib
 from nnxloop import feed
 from nnxloop.callbacks.base import Callback, CallbackList
+from nnxloop.console import announce
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
 from nnxloop.loop import FitLoop
@@ -64,8 +65,9 @@ class Trainer(FitLoop):
             callbacks and saves/evaluations still land on the steps they ask for.
         log_every_steps: how often the progress bar reads the training metrics from the device.
         progress: show a progress bar; `None` shows one when stderr is a terminal.
-        seed: reseeds the model's `nnx.Rngs` streams (dropout...) so a run is a function of its
-            arguments; `None` keeps the streams the model was built with.
+        seed: `None` (the default) trains with the RNG streams the model was built with
+            (`nnx.Rngs(dropout=...)`), as the Flax tutorial loop does; an int reseeds every
+            stream of the model from it.
         stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
             device once per `fit` call, so that K-step dispatches (and, with K = 1, every
             step) stack, check and transfer no batch on the host: a K-step dispatch indexes
@@ -94,7 +96,7 @@ class Trainer(FitLoop):
         steps_per_dispatch: int = 1,
         log_every_steps: int = 50,
         progress: bool | None = None,
-        seed: int | None = 0,
+        seed: int | None = None,
         stage_data: bool | None = None,
     ):
         if not isinstance(model, nnx.Module):
@@ -161,6 +163,7 @@ class Trainer(FitLoop):
         self._show_progress = False
         self.fit_epochs: int | None = None
         self.fit_max_steps: int | None = None
+        self.fit_evaluates = False
 
     # -- override points (traced under jit) -----------------------------------------------
 
@@ -182,6 +185,10 @@ class Trainer(FitLoop):
         applies `optimizer.update(model, grads)`. Override it for full control (frozen layers,
         an EMA of the weights, several optimizers); it is traced under jit, mutates `model` and
         `optimizer` in place, and must not change their structure.
+
+        Attributes of the trainer read here (`self.decay`) are read once, when the step is
+        first compiled, and stay fixed after: keep a value that changes during training in
+        the model (an `nnx.Variable`) or in the optimizer (`optax.inject_hyperparams`).
         """
 
         def loss(model):
@@ -242,12 +249,20 @@ class Trainer(FitLoop):
         return get_state() if callable(get_state) else None
 
     def restore_progress(
-        self, *, step: int, epoch: int, position: int, data_state: Any = None
+        self,
+        *,
+        step: int,
+        epoch: int,
+        position: int,
+        data_state: Any = None,
+        stopped: bool = False,
     ) -> None:
-        """Sets where training stands (used when resuming from a checkpoint)."""
+        """Sets where training stands (used when resuming from a checkpoint). `stopped`: the
+        run was ended by a callback (`stop_training`), so this `fit` trains no further."""
         self.step, self.epoch, self.position = int(step), int(epoch), int(position)
         self._pending_data_state = data_state
         self._resumed = True
+        self.stop_training = bool(stopped)
 
     def metric_totals(self) -> PendingTotals:
         """Running sums of the training metrics up to now, read from the device lazily.
@@ -302,6 +317,8 @@ class Trainer(FitLoop):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if eval_every_steps is not None and val_data is None:
             raise ValueError("eval_every_steps was given without val_data to evaluate on.")
+        if val_data is not None and not self._can_evaluate():
+            raise TypeError(self._no_eval_message())
         if epochs is not None and iter(train_data) is train_data:
             raise TypeError(
                 "train_data is a one-shot iterator, but epochs need data that can be iterated "
@@ -313,7 +330,14 @@ class Trainer(FitLoop):
         self.stop_training = False
         self.preempted = False
         self.fit_epochs, self.fit_max_steps = epochs, max_steps
+        self.fit_evaluates = val_data is not None
         self.save_coordinator.reset()
+        if self.step == 0:
+            # A run from scratch: nothing a callback object kept from an earlier run (with
+            # another trainer) carries over. A checkpoint restored below still brings back the
+            # state its run saved.
+            for cb in self.callbacks:
+                cb.reset_state()
         self._show_progress = wanted(self.progress)
         extra = [ProgressBar(self.log_every_steps)] if self._show_progress else []
         self._dispatch = CallbackList([*self.callbacks, *extra])
@@ -325,6 +349,11 @@ class Trainer(FitLoop):
         try:
             with self._preemption.installed():
                 self._dispatch.call("on_train_begin", self)
+                if self._done(epochs, max_steps):
+                    why = " (stopped by a callback)" if self.stop_training else ""
+                    announce(
+                        "Training already finished at step %d%s; nothing to do.", self.step, why
+                    )
                 self._train_loop(val_data, epochs, max_steps, eval_every_steps)
                 self.history.stopped_early = self.stop_training and not self.preempted
                 self._dispatch.call("on_train_end", self)
@@ -372,12 +401,31 @@ class Trainer(FitLoop):
             data_lib.batch_size(batch, self.mesh)
             yield data_lib.prepare(batch, self.mesh)
 
+    def _can_evaluate(self) -> bool:
+        return (
+            self._loss_fn is not None
+            or _overrides(self, "loss_fn")
+            or _overrides(self, "eval_step")
+        )
+
+    def _no_eval_message(self) -> str:
+        return (
+            f"{type(self).__name__} overrides train_step but has no loss_fn and no eval_step, "
+            "so it cannot evaluate: override eval_step(model, batch) -> metrics dict, or "
+            "loss_fn, or pass loss_fn=... to the constructor."
+        )
+
     def evaluate(self, data: Iterable[Any]) -> dict[str, float]:
         """Averages `eval_step` metrics over `data` (weighted by batch size), in eval mode.
 
         Returns plain metric names (`loss`, `accuracy`); inside `fit` the same values are
         reported with a `val_` prefix.
+
+        Raises:
+            TypeError: a subclass overrides only `train_step`, so there is nothing to evaluate.
         """
+        if not self._can_evaluate():
+            raise TypeError(self._no_eval_message())
         if not self._running:
             self._engine.load_from_objects()
         return self._engine.evaluate(self._batches(data))

@@ -68,6 +68,9 @@ def training_meta(trainer: Trainer) -> dict[str, Any]:
         "step": trainer.step,
         "epoch": trainer.epoch,
         "position": trainer.position,
+        # A run a callback ended (early stopping, TerminateOnNaN, any `stop_training`) is
+        # over: a rerun that restores this checkpoint trains no further. A preemption is not.
+        "stopped": bool(trainer.stop_training and not trainer.preempted),
         "data_state": data_state,
         "callbacks": {
             _callback_key(i, cb): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
@@ -128,6 +131,7 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
             epoch=meta["epoch"],
             position=meta["position"],
             data_state=_decode(meta.get("data_state")),
+            stopped=bool(meta.get("stopped", False)),
         )
         states = meta.get("callbacks", {})
         for i, cb in enumerate(trainer.callbacks):
@@ -171,15 +175,24 @@ class SaveCoordinator:
         metrics: dict[str, float] | None = None,
         extra_meta: dict[str, Any] | None = None,
         on_refused: Callable[[int], None] | None = None,
+        final: bool = False,
     ) -> bool:
         """Saves the trainer's current state to `store`.
 
         Returns False if nothing is written: the step exists, or (synchronous saves) the state
         is not finite. An async save of a non-finite state is found in the background; then
         `on_refused(step)` runs in the training thread at a later event.
+
+        `final`: the save at the end of a `fit`. When the step is already saved (a periodic
+        save of the same step, earlier in the same step's events), its arrays are the same,
+        but what happened after that save is not in its meta: the epoch the step ended, the
+        last evaluation's effect on the callbacks, a stop. The meta is then replaced, so a
+        rerun that restores this step knows how the run ended.
         """
         self.poll()
         step = trainer.step
+        if final:
+            self.finish(store)
         if (store.directory, step) in self._refused or any(
             p.store.directory == store.directory and p.step == step for p in self._pending
         ):
@@ -205,6 +218,8 @@ class SaveCoordinator:
             return False
         if saved and self.async_enabled:
             self._pending.append(_Pending(store, step, on_refused))
+        elif not saved and final and (store.directory, step) not in self._refused:
+            store.replace_meta(step, meta)
         return saved
 
     def finish(self, store: CheckpointStore) -> None:

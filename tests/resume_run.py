@@ -36,8 +36,9 @@ def main(workdir, mode):
         data = grain.MapDataset.source(batches).map(lambda b: b)
     else:
         data = batches
+    announce = Announce()
     callbacks = [
-        Announce(),
+        announce,
         nl.CheckpointCallback(os.path.join(workdir, "ckpt"), every_steps=3, max_to_keep=2),
         nl.BestModelCallback(os.path.join(workdir, "best"), max_to_keep=2),
     ]
@@ -47,6 +48,8 @@ def main(workdir, mode):
         make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks, steps_per_dispatch=2
     )
     history = trainer.fit(data, val_data=make_batches(2, seed=1), epochs=4, eval_every_steps=7)
+    if not announce.started:  # a finished run: no epoch began
+        print(f"start {trainer.step}", flush=True)
     if history.preempted:
         print(f"preempted {trainer.step}", flush=True)
         return

@@ -27,14 +27,15 @@ def start(workdir, mode):
     )
 
 
-def run_to_end(workdir, mode):
+def run_to_end(workdir, mode, *, output=False):
     proc = start(workdir, mode)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
     assert proc.returncode == 0 and "done" in out, out[-500:]
-    return int(out.split("start ", 1)[1].split()[0])
+    started = int(out.split("start ", 1)[1].split()[0])
+    return (started, out) if output else started
 
 
 def run_and_kill(workdir, mode, kill_after_step, delay):
@@ -99,5 +100,10 @@ def test_sigterm_saves_at_the_current_step_and_resumes_exactly(reference, tmp_pa
     assert 11 <= stopped <= 13  # the step in flight when the signal came, not a later save
     assert str(stopped) in os.listdir(tmp_path / "ckpt")
     assert run_to_end(tmp_path, "async") == stopped
+    for a, b in zip(final_state(tmp_path), reference):
+        assert np.array_equal(a, b)
+    # Run once more: the run has finished, so nothing is trained and the result stands.
+    started, out = run_to_end(tmp_path, "async", output=True)
+    assert started == 40 and "step " not in out
     for a, b in zip(final_state(tmp_path), reference):
         assert np.array_equal(a, b)

@@ -77,6 +77,16 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what `state_dict` returned, when a run resumes from a checkpoint."""
 
+    def reset_state(self) -> None:
+        """Forgets everything `state_dict` would return, as if the callback were new.
+
+        Called before `on_train_begin` when a `fit` starts a run from scratch (the trainer is
+        at step 0), so a callback object passed to a new `Trainer` does not carry the state of
+        its earlier run (a best score, a patience count). When a checkpoint is then restored,
+        `load_state_dict` brings back that run's state. Override it in a callback that keeps
+        state across events.
+        """
+
 
 def _overrides(callback: Callback, hook: str) -> bool:
     return getattr(type(callback), hook) is not getattr(Callback, hook)

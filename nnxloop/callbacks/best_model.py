@@ -64,6 +64,7 @@ class BestModelCallback(MonitorCallback):
         return self.kept[0][0] if self.kept else None
 
     def on_train_begin(self, trainer) -> None:
+        super().on_train_begin(trainer)
         check_directory(self.store.directory, what="Best-model directory")
 
     def _ranks(self, value: float) -> bool:
@@ -103,7 +104,8 @@ class BestModelCallback(MonitorCallback):
         self.kept, self.best = previous
 
     def on_train_end(self, trainer) -> None:
-        if not (self.restore_on_train_end and self.kept):
+        # A preempted run goes on after a restart from its own state, not from the best one.
+        if not (self.restore_on_train_end and self.kept) or trainer.preempted:
             return
         trainer.save_coordinator.wait_all()
         engine = trainer.engine
@@ -127,3 +129,6 @@ class BestModelCallback(MonitorCallback):
             if math.isfinite(v) and self.store.has_step(int(s))
         ]
         self.best = self.kept[0][1] if self.kept else None
+
+    def reset_state(self) -> None:
+        self.kept, self.best = [], None

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory
+from nnxloop.console import announce
 from nnxloop.training_checkpoint import restore_training
 from nnxloop.triggers import Trigger
-
-log = logging.getLogger("nnxloop")
 
 DEFAULT_EVERY_STEPS = 1000
 
@@ -93,7 +91,7 @@ class CheckpointCallback(Callback):
         if self.resume:
             self.restored_step = restore_training(trainer, self.store)
             if self.restored_step is not None:
-                log.info("Resumed from step %d in %s.", self.restored_step, self.store.directory)
+                announce("Resumed from step %d of %s.", self.restored_step, self.store.directory)
 
     def next_step(self, trainer, step: int) -> int | None:
         return self.trigger.next_step(step)
@@ -107,8 +105,12 @@ class CheckpointCallback(Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer) -> None:
-        self._save(trainer)
+        self._save(trainer, final=True)
 
-    def _save(self, trainer) -> None:
-        trainer.save_coordinator.save(trainer, self.store)
+    def reset_state(self) -> None:
+        self.restored_step = None
+        self._started = False
+
+    def _save(self, trainer, *, final: bool = False) -> None:
+        trainer.save_coordinator.save(trainer, self.store, final=final)
         self.trigger.fired()

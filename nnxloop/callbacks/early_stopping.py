@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from nnxloop.callbacks.monitor import MonitorCallback
-
-log = logging.getLogger("nnxloop")
+from nnxloop.console import announce
 
 
 class EarlyStopping(MonitorCallback):
@@ -49,7 +47,7 @@ class EarlyStopping(MonitorCallback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            log.info(
+            announce(
                 "Early stopping at step %d: %s has not improved on %s for %d evaluations.",
                 step,
                 self.monitor,
@@ -63,3 +61,6 @@ class EarlyStopping(MonitorCallback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+
+    def reset_state(self) -> None:
+        self.best, self.wait = None, 0

@@ -32,6 +32,17 @@ class MonitorCallback(Callback):
         self.min_delta = float(min_delta)
         self.best: float | None = None
 
+    def on_train_begin(self, trainer) -> None:
+        if not trainer.fit_evaluates:
+            raise ValueError(
+                f"{type(self).__name__} watches {self.monitor!r}, an evaluation metric, but fit "
+                "was given no val_data, so nothing is ever evaluated: pass val_data=... to fit "
+                f"(or remove the {type(self).__name__})."
+            )
+
+    def reset_state(self) -> None:
+        self.best = None
+
     def monitored_value(self, metrics: Mapping[str, float]) -> float:
         """The monitored metric's value in `metrics`.
 

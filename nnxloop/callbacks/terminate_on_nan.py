@@ -15,10 +15,12 @@ log = logging.getLogger("nnxloop")
 class TerminateOnNaN(Callback):
     """Stops `fit` when the training loss becomes non-finite.
 
-    The check never makes the host wait for the device: it looks at a dispatch's losses once
-    they are computed, so it may act a dispatch or two late. Whatever the order of the
-    callbacks, no checkpoint of a non-finite state is written: every save checks the state
-    first and skips it with a warning.
+    Training stops at the end of the dispatch (the `steps_per_dispatch` steps of one jitted
+    call) that computed the non-finite loss, or at the end of the next one, never later: the
+    host reads a dispatch's losses once they are computed and at the latest when the next
+    dispatch has been queued, so the device always has work while the host waits. Whatever
+    the order of the callbacks, no checkpoint of a non-finite state is written: every save
+    checks the state first and skips it with a warning.
 
     Args:
         metric: the training metric to watch.
@@ -37,6 +39,10 @@ class TerminateOnNaN(Callback):
     def on_train_begin(self, trainer) -> None:
         self._pending.clear()
 
+    def reset_state(self) -> None:
+        self._pending.clear()
+        self.stopped_at = None
+
     def on_step_end(self, trainer, step: int, logs: Logs) -> None:
         if not trainer.state_is_current:
             return  # one check per dispatch covers all of its steps
@@ -47,10 +53,12 @@ class TerminateOnNaN(Callback):
                 f"{sorted(trainer.last_metrics)}; pass metric= one of those."
             )
         self._pending.append((step, values))
-        self._check(trainer, wait=False)
+        self._check(trainer, unchecked=1)
 
-    def _check(self, trainer, *, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][1].is_ready()):
+    def _check(self, trainer, *, unchecked: int) -> None:
+        """Checks the dispatches whose losses are on the host, and waits for all but the
+        newest `unchecked` ones."""
+        while self._pending and (len(self._pending) > unchecked or self._pending[0][1].is_ready()):
             step, values = self._pending.popleft()
             if not np.all(np.isfinite(np.asarray(values))):
                 self.stopped_at = step
@@ -60,4 +68,4 @@ class TerminateOnNaN(Callback):
                 return
 
     def on_epoch_end(self, trainer, epoch, logs) -> None:
-        self._check(trainer, wait=True)
+        self._check(trainer, unchecked=0)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from nnxloop.checkpointing.errors import NonFiniteStateError
 
 MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
+META_FILE = "metadata"  # the file orbax's JSON handler writes the `meta` item to
 
 
 def finite_flag(tree: Any) -> jax.Array:
@@ -140,7 +141,11 @@ class MetaRestore(ocp.args.JsonRestore):
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
     """The handlers of a store's `CheckpointManager` (new ones per manager)."""
-    return {MODEL: _ArraysHandler(), OPTIMIZER: _ArraysHandler(), META: _MetaHandler()}
+    return {
+        MODEL: _ArraysHandler(),
+        OPTIMIZER: _ArraysHandler(),
+        META: _MetaHandler(filename=META_FILE),
+    }
 
 
 def guarded_save_args(state: tuple[Any, Any], meta: dict[str, Any], step: int):

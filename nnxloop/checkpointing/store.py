@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import (
     META,
+    META_FILE,
     MODEL,
     OPTIMIZER,
     MetaRestore,
@@ -55,6 +56,15 @@ def check_directory(directory: str, *, what: str) -> str:
             f"{what} {path} cannot be written ({exc.strerror or exc}); pass a writable directory."
         ) from exc
     return path
+
+
+def _fsync_directory(path: str) -> None:
+    """Makes a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def path_shapes(tree: Any) -> dict[str, tuple[list[int], str]]:
@@ -190,6 +200,28 @@ class CheckpointStore:
         args = guarded_save_args(state, meta, step)
         with self._refusals():
             return bool(manager.save(step, args=args, metrics=metrics, force=True))
+
+    def replace_meta(self, step: int, meta: dict[str, Any]) -> None:
+        """Replaces the JSON `meta` item of the committed `step` (its arrays are untouched).
+
+        The new file is written beside the old one, flushed to disk and renamed over it, so a
+        kill at any moment leaves one whole meta or the other. Process 0 writes it.
+        """
+        path = os.path.join(self.directory, str(step), META, META_FILE)
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"The checkpoint of step {step} in {self.directory} has no {META}/{META_FILE} "
+                "file to update; it is damaged or was not written by nnxloop."
+            )
+        if jax.process_index() != 0:
+            return
+        tmp = f"{path}.nnxloop-tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(os.path.dirname(path))
 
     def is_saving(self) -> bool:
         return self._manager is not None and self._manager.is_saving_in_progress()
