@@ -31,8 +31,30 @@ from nnxloop.checkpointing import (
 log = logging.getLogger("nnxloop")
 
 
-def _callback_key(index: int, callback: Any) -> str:
+def _legacy_key(index: int, callback: Any) -> str:
+    """The key checkpoints written before `state_key` used: the callback's list position."""
     return f"{index}:{type(callback).__name__}"
+
+
+def restore_callback_states(callbacks: Any, states: dict[str, Any], where: str) -> None:
+    """Gives each callback the state saved under its `state_key` (in checkpoints written
+    before keys, under its list position), and warns about saved states no callback claims."""
+    unclaimed = set(states)
+    for i, cb in enumerate(callbacks):
+        for key in (cb.state_key, _legacy_key(i, cb)):
+            if key in states:
+                cb.load_state_dict(states[key])
+                unclaimed.discard(key)
+                break
+    unclaimed = {k for k in unclaimed if states[k]}  # an empty state restores nothing
+    if unclaimed:
+        log.warning(
+            "%s holds the state of callbacks this run does not have: %s. They are ignored; "
+            "if a callback's arguments changed (a directory, a monitored metric), its "
+            "state_key changed with them.",
+            where,
+            ", ".join(sorted(unclaimed)),
+        )
 
 
 def _encode(data_state: Any) -> Any:
@@ -72,9 +94,7 @@ def training_meta(trainer: Trainer) -> dict[str, Any]:
         # over: a rerun that restores this checkpoint trains no further. A preemption is not.
         "stopped": bool(trainer.stop_training and not trainer.preempted),
         "data_state": data_state,
-        "callbacks": {
-            _callback_key(i, cb): cb.state_dict() for i, cb in enumerate(trainer.callbacks)
-        },
+        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
         "fingerprint": fingerprint(path_shapes(engine.state())),
         "model_shapes": shapes,
         "device_count": jax.device_count(),
@@ -133,11 +153,11 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
             data_state=_decode(meta.get("data_state")),
             stopped=bool(meta.get("stopped", False)),
         )
-        states = meta.get("callbacks", {})
-        for i, cb in enumerate(trainer.callbacks):
-            key = _callback_key(i, cb)
-            if key in states:
-                cb.load_state_dict(states[key])
+        restore_callback_states(
+            trainer.callbacks,
+            meta.get("callbacks", {}),
+            f"The checkpoint of step {step} in {store.directory}",
+        )
         return step
     return None
 

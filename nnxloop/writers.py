@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,7 +39,12 @@ class MetricWriter:
 
 
 class TensorBoardWriter(MetricWriter):
-    """TensorBoard event files under `logdir`, through tensorboardX (no TensorFlow needed).
+    """TensorBoard event files under `logdir`, with tensorboardX's protocol buffers and record
+    format (no TensorFlow needed).
+
+    Events are written in the caller's thread (a few hundred bytes each, into the file's
+    buffer), so a write error, a full disk say, is raised to the caller instead of ending a
+    background thread, and `flush` makes every event written so far durable (fsync).
 
     Args:
         logdir: the directory for the event files.
@@ -47,30 +53,57 @@ class TensorBoardWriter(MetricWriter):
     """
 
     def __init__(self, logdir: str, *, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import RecordWriter
 
+        self._event_type = Event
         self.logdir = logdir
-        self._writer = SummaryWriter(logdir, purge_step=purge_step)
+        os.makedirs(logdir, exist_ok=True)
+        # TensorBoard reads a directory's event files in name order: the time comes first.
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.nnxloop"
+        self.path = os.path.join(logdir, name)
+        self._records = RecordWriter(self.path)
+        self._write(Event(step=purge_step or 0, file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event: Any) -> None:
+        event.wall_time = time.time()
+        self._records.write(event.SerializeToString())
+
+    def _summary(self, step: int, summary: Any) -> None:
+        self._write(self._event_type(step=int(step), summary=summary))
 
     def write_scalars(self, step, scalars):
+        from tensorboardX import summary
+
         for name, value in scalars.items():
-            self._writer.add_scalar(name, value, global_step=step)
+            self._summary(step, summary.scalar(str(name), float(value)))
 
     def write_hparams(self, hparams):
+        from tensorboardX import summary
+
         clean = {
-            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+            str(k): v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in hparams.items()
         }
-        self._writer.add_hparams(clean, {}, name="hparams")
+        for part in summary.hparams(clean, {}):  # experiment, session start, session end
+            self._summary(0, part)
 
     def write_texts(self, step, texts):
+        from tensorboardX import summary
+
         for name, text in texts.items():
-            self._writer.add_text(name, text, global_step=step)
+            self._summary(step, summary.text(str(name), text))
 
     def flush(self):
-        self._writer.flush()
+        self._records.flush()  # flushes the buffer and fsyncs the file
 
     def close(self):
-        self._writer.close()
+        try:
+            self.flush()
+        finally:
+            self._records.close()
 
 
 class JsonlWriter(MetricWriter):
@@ -107,7 +140,7 @@ class JsonlWriter(MetricWriter):
 
     def write_scalars(self, step, scalars):
         record = {"step": int(step), "time": time.time()}
-        record.update({k: float(v) for k, v in scalars.items()})
+        record.update({str(k): float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
 
     def flush(self):
@@ -116,8 +149,10 @@ class JsonlWriter(MetricWriter):
 
     def close(self):
         if not self._file.closed:
-            self.flush()
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                self._file.close()
 
 
 class LoggingWriter(MetricWriter):

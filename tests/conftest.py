@@ -1,6 +1,20 @@
 """Shared fixtures. Four fake CPU devices, so every test also exercises batch sharding."""
 
-import jax
+import os
+
+# XLA's CPU collectives meet every device's thread at a rendezvous and abort the whole process
+# (LOG(FATAL): "Termination timeout ... Exiting to ensure a consistent program state") when
+# one thread is later than a timeout. On a loaded 2-core machine, with 4 fake devices sharing
+# 2 cores, one can be that late: the suite then died with "Fatal Python error: Aborted". The
+# tests check results, not latency, so they give the threads far longer. Subprocesses started
+# by the tests get the same flags (`subprocess_env`).
+COLLECTIVE_FLAGS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
+)
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_FLAGS}".strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
@@ -21,6 +35,15 @@ class TinyNet(nnx.Module):
 
     def __call__(self, x):
         return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a script a test starts: CPU only, this directory importable, and
+    no XLA flags but the collective timeouts above."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return dict(
+        os.environ, PYTHONPATH=here, JAX_PLATFORMS="cpu", XLA_FLAGS=COLLECTIVE_FLAGS, **extra
+    )
 
 
 def make_model(seed: int = 0) -> TinyNet:

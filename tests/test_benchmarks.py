@@ -1,18 +1,17 @@
 """The benchmark scripts run in --quick mode (in subprocesses, each with its own devices)."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run(args: list[str]) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, *args], env=env, capture_output=True, text=True, timeout=120
     )

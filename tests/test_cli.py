@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import loss_fn, make_batches, make_model, tx
+from conftest import loss_fn, make_batches, make_model, subprocess_env, tx
 
 import nnxloop as nl
 from nnxloop import cli
@@ -114,7 +114,8 @@ def test_step_shows_array_tree_and_meta(run, capsys):
     assert "['opt_state']['0']['mu']['l1']['kernel']" in arrays
     meta = json.loads(meta_text)
     assert (meta["step"], meta["device_count"]) == (8, 4)
-    assert "1:BestModelCallback" in meta["callbacks"] and "data_state" in meta
+    assert any(k.startswith("BestModelCallback(") for k in meta["callbacks"])
+    assert "data_state" in meta
     assert "model_shapes" not in meta
 
 
@@ -162,8 +163,7 @@ def test_human_size():
 def test_command_reads_a_checkpoint_of_another_device_count(run):
     # The checkpoint was written with four devices; this process has one.
     root, _, best_step = run
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     command = ["-m", "nnxloop.cli", "inspect", str(root / "best"), "--step", str(best_step)]
     proc = subprocess.run(
         [sys.executable, *command],

@@ -5,6 +5,7 @@ import os
 import pathlib
 
 import pytest
+from conftest import subprocess_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -28,12 +29,10 @@ def test_train_digits_reaches_95_percent_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_runs_on_8_fake_devices(tmp_path):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     out = subprocess.run(
         [
             sys.executable,

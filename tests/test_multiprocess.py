@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import loss_fn, make_batches, make_model, sgd
+from conftest import loss_fn, make_batches, make_model, sgd, subprocess_env
 from flax import nnx
 
 import nnxloop as nl
@@ -27,8 +27,7 @@ def free_port():
 
 def launch(workdir):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=HERE, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env(PYTHONUNBUFFERED="1")
     return [
         subprocess.Popen(
             [

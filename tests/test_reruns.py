@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "finish_run.py")
@@ -14,8 +15,7 @@ TIMEOUT = 120
 
 
 def start(workdir, how):
-    env = dict(os.environ, PYTHONPATH=HERE, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     return subprocess.Popen(
         [sys.executable, SCRIPT, str(workdir), how],
         stdout=subprocess.PIPE,

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "resume_run.py")
@@ -16,8 +17,7 @@ TIMEOUT = 120
 
 
 def start(workdir, mode):
-    env = dict(os.environ, PYTHONPATH=HERE, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     return subprocess.Popen(
         [sys.executable, SCRIPT, str(workdir), mode],
         stdout=subprocess.PIPE,

@@ -70,6 +70,18 @@ class Callback:
         """
         return None
 
+    @property
+    def state_key(self) -> str:
+        """The name this callback's `state_dict` is saved under in a checkpoint.
+
+        A resumed run gives each callback the state saved under its key, wherever it now
+        stands in the list. The default is the class name; a callback of which a list may
+        hold several adds what tells them apart (the shipped ones add their directory or
+        monitored metric), and two callbacks with state in one list with the same key are an
+        error.
+        """
+        return type(self).__name__
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state stored in every checkpoint (best score, counters...)."""
         return {}
@@ -102,6 +114,17 @@ class CallbackList:
                     f"callbacks must be nnxloop.Callback instances, got {type(cb).__name__}."
                 )
         self.callbacks = list(callbacks)
+        seen: dict[str, Callback] = {}
+        for cb in self.callbacks:
+            if not _overrides(cb, "state_dict"):
+                continue  # nothing saved: several alike stateless callbacks are fine
+            other = seen.setdefault(cb.state_key, cb)
+            if other is not cb:
+                raise ValueError(
+                    f"Two callbacks have the state_key {cb.state_key!r}, so a checkpoint cannot "
+                    "tell their states apart: give them different arguments (directory, "
+                    "monitor), or override state_key in one of them."
+                )
         self.step_end = [cb for cb in self.callbacks if _overrides(cb, "on_step_end")]
         self.with_next_step = [cb for cb in self.callbacks if _overrides(cb, "next_step")]
 

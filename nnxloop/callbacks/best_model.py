@@ -50,6 +50,7 @@ class BestModelCallback(MonitorCallback):
             raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}.")
         self.max_to_keep = max_to_keep
         self.restore_on_train_end = restore_on_train_end
+        self._given_directory = os.fspath(directory)  # as given: a moved run keeps its keys
         self.store = CheckpointStore(
             os.fspath(directory), max_to_keep=max_to_keep, best_metric=monitor, best_mode=mode
         )
@@ -58,6 +59,10 @@ class BestModelCallback(MonitorCallback):
     @property
     def directory(self) -> str:
         return self.store.directory
+
+    @property
+    def state_key(self) -> str:
+        return f"BestModelCallback({self._given_directory})"
 
     @property
     def best_step(self) -> int | None:

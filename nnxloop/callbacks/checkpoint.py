@@ -60,6 +60,7 @@ class CheckpointCallback(Callback):
             raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
         self.trigger = Trigger(every_steps, every_epochs, every_secs)
         self._default_trigger = every_steps is None and every_epochs is None and every_secs is None
+        self._given_directory = os.fspath(directory)  # as given: a moved run keeps its keys
         self.store = CheckpointStore(
             os.fspath(directory), max_to_keep=max_to_keep, keep_every_steps=keep_every_steps
         )
@@ -70,6 +71,10 @@ class CheckpointCallback(Callback):
     @property
     def directory(self) -> str:
         return self.store.directory
+
+    @property
+    def state_key(self) -> str:
+        return f"CheckpointCallback({self._given_directory})"
 
     def on_train_begin(self, trainer) -> None:
         check_directory(self.store.directory, what="Checkpoint directory")

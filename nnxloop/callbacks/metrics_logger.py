@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -67,12 +68,17 @@ class MetricsLogger(Callback):
     ):
         if not isinstance(every_steps, int) or every_steps < 1:
             raise ValueError(f"every_steps must be a positive int, got {every_steps!r}.")
-        self.logdir = os.path.abspath(os.fspath(logdir))
+        self._given_logdir = os.fspath(logdir)
+        self.logdir = os.path.abspath(self._given_logdir)
         self.every_steps = every_steps
         self.learning_rate = learning_rate
         self.hparams = dict(hparams or {})
         self.writer: MetricWriter | None = None
         self._active = False
+
+    @property
+    def state_key(self) -> str:
+        return f"MetricsLogger({self._given_logdir})"
 
     def _make_writer(self, resume_step: int) -> MetricWriter:
         return MultiWriter(
@@ -100,8 +106,9 @@ class MetricsLogger(Callback):
 
     def _writer(self, trainer) -> MetricWriter:
         if self.writer is None:
-            self.writer = self._make_writer(resume_step=self._resume_step(trainer))
-            self._write_run_info(trainer)
+            with self._writing():
+                self.writer = self._make_writer(resume_step=self._resume_step(trainer))
+                self._write_run_info(trainer)
         return self.writer
 
     def _resume_step(self, trainer) -> int:
@@ -134,7 +141,8 @@ class MetricsLogger(Callback):
         if not self._active or not trainer.state_is_current:
             return
         if self._queue:
-            self._write_ready(wait=False)
+            with self._writing():
+                self._write_ready(wait=False)
         if step < self._due:
             return
         self._due = (step // self.every_steps + 1) * self.every_steps
@@ -146,7 +154,8 @@ class MetricsLogger(Callback):
         self._last = totals
         lr = self._learning_rate(trainer, step)
         self._queue.append((step, window_start, totals, trainer.examples_seen, lr))
-        self._write_ready(wait=False)
+        with self._writing():
+            self._write_ready(wait=False)
 
     def _write_ready(self, *, wait: bool) -> None:
         while self._queue:
@@ -188,31 +197,57 @@ class MetricsLogger(Callback):
         if not self._active:
             return
         writer = self._writer(trainer)
-        self._write_ready(wait=True)
-        writer.write_scalars(step, metrics)
-        writer.flush()
+        with self._writing():
+            self._write_ready(wait=True)
+            writer.write_scalars(step, metrics)
+            writer.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        # Called when a checkpoint is saved: the lines up to its step are written first, so
-        # a run killed after the checkpoint and resumed from it has them all. The save needs
-        # that step's state anyway, so this waits for nothing more.
-        if self._active and self.writer is not None and self._queue:
-            self._write_ready(wait=True)
-            self.writer.flush()
+        # Called when a checkpoint is saved: every line up to its step is written and made
+        # durable (flushed and fsynced) first, so a run killed after the checkpoint and
+        # resumed from it has them all. The save needs that step's state anyway, so this
+        # waits for nothing more on the device.
+        if self._active and self.writer is not None:
+            with self._writing():
+                self._write_ready(wait=True)
+                self.writer.flush()
         return {}
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turns a write failure (a full disk, a directory gone) into an error naming the log
+        directory; `fit` then stops, and its rerun resumes from the last checkpoint."""
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"MetricsLogger could not write to {self.logdir} "
+                f"({exc.strerror or exc}); training stopped. Make room or fix the directory and "
+                "run again: the run resumes from its last checkpoint, and its log from there.",
+            ) from exc
 
     def on_train_end(self, trainer) -> None:
         if self._active and self.writer is not None:
-            self._write_ready(wait=True)
-        self._close()
+            with self._writing():
+                self._write_ready(wait=True)
+        with self._writing():
+            self._close()
 
     def on_exception(self, trainer, exc: BaseException) -> None:
+        # Best effort: the device or the disk may be what failed, and the error in flight
+        # is the one to report.
         if self._active and self.writer is not None:
             try:
                 self._write_ready(wait=True)
-            except Exception:  # the device may be what failed; the error in flight matters
+            except Exception:
                 log.warning("MetricsLogger could not write its last %d lines.", len(self._queue))
-        self._close()
+        try:
+            self._close()
+        except OSError as close_error:
+            log.warning(
+                "MetricsLogger could not close its files in %s: %s", self.logdir, close_error
+            )
 
     def _close(self) -> None:
         if self.writer is not None:

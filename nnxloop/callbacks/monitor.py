@@ -32,6 +32,10 @@ class MonitorCallback(Callback):
         self.min_delta = float(min_delta)
         self.best: float | None = None
 
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}({self.monitor})"
+
     def on_train_begin(self, trainer) -> None:
         if not trainer.fit_evaluates:
             raise ValueError(

@@ -36,6 +36,10 @@ class TerminateOnNaN(Callback):
         self._pending: collections.deque = collections.deque()
         self.stopped_at: int | None = None
 
+    @property
+    def state_key(self) -> str:
+        return f"TerminateOnNaN({self.metric})"
+
     def on_train_begin(self, trainer) -> None:
         self._pending.clear()
 
