@@ -103,13 +103,18 @@ def _as_metrics(out: Any, where: str) -> Metrics:
         )
     metrics = {}
     for name, value in out.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"{where} returned a metric named {name!r} ({type(name).__name__}); metric names "
+                "must be strings, e.g. 'accuracy', as they are logged and monitored by name."
+            )
         value = jnp.asarray(value)
         if value.shape != ():
             raise ValueError(
                 f"{where} returned metric {name!r} with shape {value.shape}; metrics must be "
                 "scalars (reduce over the batch, e.g. with .mean())."
             )
-        metrics[str(name)] = value.astype(jnp.float32)
+        metrics[name] = value.astype(jnp.float32)
     return metrics
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 from nnxloop import data as data_lib
 from nnxloop import feed
 from nnxloop.callbacks.base import Callback, CallbackList
+from nnxloop.checks import positive_int
 from nnxloop.console import announce
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
@@ -103,12 +104,8 @@ class Trainer(FitLoop):
             raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
-        for name, value in (
-            ("steps_per_dispatch", steps_per_dispatch),
-            ("log_every_steps", log_every_steps),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        positive_int("steps_per_dispatch", steps_per_dispatch)
+        positive_int("log_every_steps", log_every_steps)
         if stage_data not in (None, True, False):
             raise ValueError(f"stage_data must be None, True or False, got {stage_data!r}.")
         if loss_fn is not None and not callable(loss_fn):
@@ -306,15 +303,9 @@ class Trainer(FitLoop):
                 "fit needs exactly one of epochs=... or max_steps=... (both count from the start "
                 f"of training); got epochs={epochs!r}, max_steps={max_steps!r}."
             )
-        for name, value in (
-            ("epochs", epochs),
-            ("max_steps", max_steps),
-            ("eval_every_steps", eval_every_steps),
-        ):
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        positive_int("epochs", epochs, optional=True)
+        positive_int("max_steps", max_steps, optional=True)
+        positive_int("eval_every_steps", eval_every_steps, optional=True)
         if eval_every_steps is not None and val_data is None:
             raise ValueError("eval_every_steps was given without val_data to evaluate on.")
         if val_data is not None and not self._can_evaluate():

@@ -57,6 +57,9 @@ def restore_callback_states(callbacks: Any, states: dict[str, Any], where: str) 
         )
 
 
+_warned_types: set[type] = set()  # iterator states already reported as not JSON
+
+
 def _encode(data_state: Any) -> Any:
     """The data iterator's state as JSON (grain's loaders give bytes: stored as base64)."""
     if isinstance(data_state, bytes):
@@ -64,6 +67,9 @@ def _encode(data_state: Any) -> Any:
     try:
         json.dumps(data_state)
     except TypeError:
+        if type(data_state) in _warned_types:
+            return None
+        _warned_types.add(type(data_state))
         log.warning(
             "The data iterator's state (%s) is not JSON-serialisable; it is not checkpointed, "
             "and a resume skips to the position by iterating.",
@@ -104,6 +110,11 @@ def training_meta(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
 def _version() -> str:
     from nnxloop import __version__
 
@@ -120,9 +131,14 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
     abstract = engine.abstract_state()
     model_shapes = path_shapes(abstract[0])
     expected = fingerprint(path_shapes(abstract))
+    set_aside: list[str] = []
     for step in reversed(store.steps()):
         try:
             meta = store.read_meta(step)
+            if meta.get("step") != step:
+                raise ValueError(
+                    f"its meta says step {meta.get('step')!r}, its directory says {step}"
+                )
             if meta.get("fingerprint") != expected:
                 where = f"The checkpoint at step {step} in {store.directory}"
                 compare_shapes(meta.get("model_shapes", {}), model_shapes, where=where)
@@ -135,13 +151,14 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
             raise  # not damage: moving the checkpoint aside would not help
         except Exception as exc:  # orbax raises many types for damaged files
             moved = store.quarantine(step)
+            set_aside.append(moved)
             log.warning(
                 "Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying "
                 "the previous one.",
                 step,
                 store.directory,
                 type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
+                _first_line(exc),
                 moved,
             )
             continue
@@ -159,6 +176,14 @@ def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
             f"The checkpoint of step {step} in {store.directory}",
         )
         return step
+    set_aside += store.set_aside()
+    if set_aside:
+        raise CheckpointError(
+            f"No checkpoint in {store.directory} can be read; these were set aside as unreadable: "
+            f"{sorted(set(set_aside))}. Training does not silently start over: to start over, "
+            "delete them (or use a new directory); to recover, inspect them with "
+            "`nnxloop inspect`."
+        )
     return None
 
 
@@ -236,6 +261,12 @@ class SaveCoordinator:
         except NonFiniteStateError as exc:
             self._refuse(exc, store, on_refused)
             return False
+        except Exception as exc:
+            raise CheckpointError(
+                f"Saving the checkpoint of step {step} to {store.directory} failed: "
+                f"{type(exc).__name__}: {_first_line(exc)}. The checkpoints saved before it are "
+                "kept; fix the cause (disk space, permissions) and run again to resume."
+            ) from exc
         if saved and self.async_enabled:
             self._pending.append(_Pending(store, step, on_refused))
         elif not saved and final and (store.directory, step) not in self._refused:
@@ -257,7 +288,9 @@ class SaveCoordinator:
         except Exception as exc:
             raise CheckpointError(
                 f"Saving the checkpoint of step {step} to {store.directory} failed in the "
-                f"background: {type(exc).__name__}: {exc}"
+                f"background: {type(exc).__name__}: {_first_line(exc)}. The checkpoints saved "
+                "before it are kept; fix the cause (disk space, permissions) and run again to "
+                "resume."
             ) from exc
 
     def _refuse(

@@ -86,3 +86,12 @@ def sgd():
 
 def leaves_of(model):
     return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(autouse=True)
+def _visible_run_lines():
+    # A docs page shows how to silence nnxloop's stderr lines; the next test sees them again.
+    import logging
+
+    yield
+    logging.getLogger("nnxloop.run").setLevel(logging.INFO)

@@ -4,10 +4,14 @@ identity, a failing log disk."""
 import errno
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
-from conftest import loss_fn, make_batches, make_model, tx
+from conftest import loss_fn, make_batches, make_model, subprocess_env, tx
 
 import nnxloop as nl
 
@@ -187,3 +191,196 @@ def test_a_checkpoint_with_position_keys_still_restores_its_callbacks(tmp_path):
     stopper = nl.EarlyStopping(patience=5, min_delta=10.0)
     trainer_with(stopper).fit(make_batches(1), val_data=make_batches(1), epochs=4)
     assert stopper.wait == 3
+
+
+# -- one live writer per checkpoint directory -------------------------------------------------
+
+
+def write_lock(directory, pid, host=None):
+    os.makedirs(directory, exist_ok=True)
+    holder = {"host": host or socket.gethostname(), "pid": pid, "started": time.time()}
+    with open(os.path.join(directory, ".nnxloop-lock"), "w") as f:
+        json.dump(holder, f)
+
+
+def test_a_second_live_writer_fails_at_fit_start_naming_the_holder(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        write_lock(tmp_path / "c", other.pid)
+        trainer = nl.Trainer(
+            make_model(), tx(), loss_fn=loss_fn, callbacks=[nl.CheckpointCallback(tmp_path / "c")]
+        )
+        with pytest.raises(nl.CheckpointError, match=f"PID {other.pid}"):
+            trainer.fit(make_batches(2), epochs=1)
+        assert trainer.step == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert not [n for n in os.listdir(tmp_path / "c") if n.isdigit()]
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "c", dead.pid)
+    trainer = nl.Trainer(
+        make_model(), tx(), loss_fn=loss_fn, callbacks=[nl.CheckpointCallback(tmp_path / "c")]
+    )
+    trainer.fit(make_batches(2), epochs=1)
+    assert "2" in os.listdir(tmp_path / "c")
+    assert ".nnxloop-lock" not in os.listdir(tmp_path / "c")  # released when fit ended
+
+
+def test_another_host_s_lock_counts_until_it_goes_stale(tmp_path):
+    write_lock(tmp_path / "c", 1, host="some-other-host")
+    trainer = nl.Trainer(
+        make_model(), tx(), loss_fn=loss_fn, callbacks=[nl.CheckpointCallback(tmp_path / "c")]
+    )
+    with pytest.raises(nl.CheckpointError, match="some-other-host"):
+        trainer.fit(make_batches(2), epochs=1)
+    old = time.time() - 3600  # not refreshed for an hour: that run is gone
+    os.utime(tmp_path / "c" / ".nnxloop-lock", (old, old))
+    trainer.fit(make_batches(2), epochs=1)
+    assert trainer.step == 2
+
+
+def test_two_processes_on_one_directory_the_second_fails(tmp_path):
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[2])\n"
+        "from conftest import *\n"
+        "import nnxloop as nl\n"
+        "class Slow(nl.Callback):\n"
+        "    def on_step_end(self, trainer, step, logs):\n"
+        "        print('step', step, flush=True); time.sleep(0.2)\n"
+        "t = nl.Trainer(make_model(), tx(), loss_fn=loss_fn,\n"
+        "    callbacks=[Slow(), nl.CheckpointCallback(sys.argv[1], every_steps=3)])\n"
+        "t.fit(make_batches(), max_steps=60)\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    args = [sys.executable, "-c", script, str(tmp_path / "c"), here]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        for line in first.stdout:
+            if line.startswith("step"):
+                break
+        second = subprocess.run(
+            args, capture_output=True, text=True, env=subprocess_env(), timeout=120
+        )
+        assert second.returncode != 0
+        assert f"PID {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+
+
+# -- a best-model directory holding another run's checkpoints --------------------------------
+
+
+def test_a_fresh_run_refuses_a_best_model_directory_of_another_run(tmp_path):
+    def run():
+        best = nl.BestModelCallback(tmp_path / "best", restore_on_train_end=True)
+        trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=[best])
+        trainer.fit(make_batches(2), val_data=make_batches(1), epochs=2)
+        return trainer
+
+    run()
+    before = sorted(os.listdir(tmp_path / "best"))
+    with pytest.raises(nl.CheckpointError, match="another run"):
+        run()
+    assert sorted(os.listdir(tmp_path / "best")) == before
+
+
+# -- unclear errors made clear -----------------------------------------------------------------
+
+
+def checkpointing_trainer(directory, **kwargs):
+    callback = nl.CheckpointCallback(directory, every_steps=2, max_to_keep=None, **kwargs)
+    return nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=[callback])
+
+
+def test_a_sync_save_that_fails_names_its_step(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(nl.CheckpointError, match="step 4") as info:
+        checkpointing_trainer(tmp_path / "c").fit(make_batches(), max_steps=6)
+    assert "No space left on device" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert [n for n in os.listdir(tmp_path / "c") if n.isdigit()] == ["2"]
+
+
+def test_a_checkpoint_whose_meta_names_another_step_is_set_aside(tmp_path, caplog):
+    checkpointing_trainer(tmp_path / "c").fit(make_batches(), max_steps=4)
+    store = nl.CheckpointCallback(tmp_path / "c").store
+    meta = store.read_meta(4)
+    store.replace_meta(4, {**meta, "step": 20})
+    trainer = checkpointing_trainer(tmp_path / "c")
+    with caplog.at_level("WARNING", logger="nnxloop"):
+        trainer.fit(make_batches(), max_steps=4)
+    assert "step 4" in caplog.text and "unreadable" in caplog.text
+    assert trainer.step == 4  # resumed from step 2 and trained again
+    assert any(n.startswith("4.unreadable-") for n in os.listdir(tmp_path / "c"))
+
+
+def test_no_readable_checkpoint_refuses_to_start_over_silently(tmp_path):
+    checkpointing_trainer(tmp_path / "c").fit(make_batches(), max_steps=4)
+    store = nl.CheckpointCallback(tmp_path / "c").store
+    for step in (2, 4):
+        store.replace_meta(step, {**store.read_meta(step), "step": 99})
+    for _ in range(2):  # and again on the next rerun, when nothing is left but what was set aside
+        trainer = checkpointing_trainer(tmp_path / "c")
+        with pytest.raises(nl.CheckpointError, match="unreadable") as info:
+            trainer.fit(make_batches(), max_steps=4)
+        assert "2.unreadable-" in str(info.value) and "4.unreadable-" in str(info.value)
+        assert trainer.step == 0
+
+
+def test_keep_every_steps_zero_is_refused_in_our_words():
+    with pytest.raises(ValueError, match="keep_every_steps must be a positive int or None"):
+        nl.CheckpointCallback("unused", keep_every_steps=0)
+
+
+def test_an_int_metric_name_is_refused():
+    def int_named(model, batch):
+        loss, _ = loss_fn(model, batch)
+        return loss, {0: loss}
+
+    with pytest.raises(TypeError, match="metric names must be strings"):
+        nl.Trainer(make_model(), tx(), loss_fn=int_named).fit(make_batches(2), epochs=1)
+
+
+def test_a_non_json_iterator_state_is_reported_once(tmp_path, caplog):
+    class Opaque:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            return OpaqueIterator(self.batches)
+
+    class OpaqueIterator:
+        def __init__(self, batches):
+            self.it = iter(batches)
+
+        def __next__(self):
+            return next(self.it)
+
+        def get_state(self):
+            return object()
+
+        def set_state(self, state):
+            raise AssertionError("never restored from a state that was not saved")
+
+    with caplog.at_level("WARNING", logger="nnxloop"):
+        checkpointing_trainer(tmp_path / "c").fit(Opaque(make_batches(3)), max_steps=9)
+    assert caplog.text.count("not JSON-serialisable") == 1

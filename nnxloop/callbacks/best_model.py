@@ -10,7 +10,8 @@ from typing import Any
 import jax
 
 from nnxloop.callbacks.monitor import MonitorCallback
-from nnxloop.checkpointing import CheckpointStore, check_directory
+from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
+from nnxloop.checks import positive_int
 
 log = logging.getLogger("nnxloop")
 
@@ -46,8 +47,7 @@ class BestModelCallback(MonitorCallback):
         restore_on_train_end: bool = False,
     ):
         super().__init__(monitor=monitor, mode=mode)
-        if not isinstance(max_to_keep, int) or max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}.")
+        positive_int("max_to_keep", max_to_keep)
         self.max_to_keep = max_to_keep
         self.restore_on_train_end = restore_on_train_end
         self._given_directory = os.fspath(directory)  # as given: a moved run keeps its keys
@@ -55,6 +55,7 @@ class BestModelCallback(MonitorCallback):
             os.fspath(directory), max_to_keep=max_to_keep, best_metric=monitor, best_mode=mode
         )
         self.kept: list[tuple[int, float]] = []  # (step, value), best first
+        self._checked_directory = False
 
     @property
     def directory(self) -> str:
@@ -71,6 +72,23 @@ class BestModelCallback(MonitorCallback):
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
         check_directory(self.store.directory, what="Best-model directory")
+        lock.acquire(self.store.directory)
+        self._checked_directory = False
+
+    def on_epoch_begin(self, trainer, epoch: int) -> None:
+        # After every on_train_begin, so after any checkpoint restore: a run that starts from
+        # scratch must not rank against, or be deleted for, another run's best checkpoints.
+        if self._checked_directory:
+            return
+        self._checked_directory = True
+        steps = self.store.steps()
+        if trainer.step == 0 and steps:
+            raise CheckpointError(
+                f"Best-model directory {self.store.directory} already holds checkpoints of "
+                f"another run (steps {steps}), and this run starts from scratch: use an empty "
+                "directory for a new run, or resume that run (give its CheckpointCallback "
+                "directory too) to carry on ranking."
+            )
 
     def _ranks(self, value: float) -> bool:
         if len(self.kept) < self.max_to_keep:
@@ -108,7 +126,17 @@ class BestModelCallback(MonitorCallback):
         # Nothing was written (or a non-finite state was refused): the ranking before stands.
         self.kept, self.best = previous
 
+    def on_exception(self, trainer, exc: BaseException) -> None:
+        lock.release(self.store.directory)
+
     def on_train_end(self, trainer) -> None:
+        try:
+            self._restore_best(trainer)
+        finally:
+            trainer.save_coordinator.finish(self.store)
+            lock.release(self.store.directory)
+
+    def _restore_best(self, trainer) -> None:
         # A preempted run goes on after a restart from its own state, not from the best one.
         if not (self.restore_on_train_end and self.kept) or trainer.preempted:
             return

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory
+from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
+from nnxloop.checks import positive_int
 from nnxloop.console import announce
 from nnxloop.training_checkpoint import restore_training
 from nnxloop.triggers import Trigger
@@ -56,8 +57,8 @@ class CheckpointCallback(Callback):
         keep_every_steps: int | None = None,
         resume: bool = True,
     ):
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
+        positive_int("max_to_keep", max_to_keep, optional=True)
+        positive_int("keep_every_steps", keep_every_steps, optional=True)
         self.trigger = Trigger(every_steps, every_epochs, every_secs)
         self._default_trigger = every_steps is None and every_epochs is None and every_secs is None
         self._given_directory = os.fspath(directory)  # as given: a moved run keeps its keys
@@ -78,6 +79,7 @@ class CheckpointCallback(Callback):
 
     def on_train_begin(self, trainer) -> None:
         check_directory(self.store.directory, what="Checkpoint directory")
+        lock.acquire(self.store.directory)  # one live run per directory, until fit ends
         if self._default_trigger:
             by_steps = trainer.fit_epochs is None
             self.trigger = Trigger(
@@ -111,6 +113,11 @@ class CheckpointCallback(Callback):
 
     def on_train_end(self, trainer) -> None:
         self._save(trainer, final=True)
+        trainer.save_coordinator.finish(self.store)
+        lock.release(self.store.directory)
+
+    def on_exception(self, trainer, exc: BaseException) -> None:
+        lock.release(self.store.directory)
 
     def reset_state(self) -> None:
         self.restored_step = None

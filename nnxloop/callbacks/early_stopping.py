@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.checks import positive_int
 from nnxloop.console import announce
 
 
@@ -35,8 +36,7 @@ class EarlyStopping(MonitorCallback):
         min_delta: float = 0.0,
     ):
         super().__init__(monitor=monitor, mode=mode, min_delta=min_delta)
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive int, got {patience!r}.")
+        positive_int("patience", patience)
         self.patience = patience
         self.wait = 0
 

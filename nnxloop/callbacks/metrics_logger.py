@@ -16,6 +16,7 @@ from flax import nnx
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.checkpointing import check_directory
+from nnxloop.checks import positive_int
 from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
 
 log = logging.getLogger("nnxloop")
@@ -66,8 +67,7 @@ class MetricsLogger(Callback):
         learning_rate: Callable[[int], Any] | float | None = None,
         hparams: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(every_steps, int) or every_steps < 1:
-            raise ValueError(f"every_steps must be a positive int, got {every_steps!r}.")
+        positive_int("every_steps", every_steps)
         self._given_logdir = os.fspath(logdir)
         self.logdir = os.path.abspath(self._given_logdir)
         self.every_steps = every_steps

@@ -13,6 +13,7 @@ orbax options a directory gets and turns orbax's failures into errors that say w
 `store` writes and restores; `reading` lists and describes without restoring arrays.
 """
 
+from nnxloop.checkpointing import lock
 from nnxloop.checkpointing.errors import CheckpointError, NonFiniteStateError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
 from nnxloop.checkpointing.reading import (
@@ -50,6 +51,7 @@ __all__ = [
     "compare_shapes",
     "fingerprint",
     "list_checkpoints",
+    "lock",
     "path_shapes",
     "read_step",
 ]

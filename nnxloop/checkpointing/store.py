@@ -283,6 +283,11 @@ class CheckpointStore:
         optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
         return restored[MODEL], optimizer
 
+    def set_aside(self) -> list[str]:
+        """The steps `quarantine` moved aside in this directory, by earlier runs too."""
+        pattern = os.path.join(glob.escape(self.directory), "*.unreadable-*")
+        return sorted(glob.glob(pattern))
+
     def quarantine(self, step: int) -> str:
         """Renames an unreadable step aside (orbax then ignores it); nothing is deleted."""
         src = os.path.join(self.directory, str(step))

@@ -1,0 +1,145 @@
+"""One writer per checkpoint directory: a lock file held for the life of a `fit`.
+
+Two live runs writing one directory would interleave their steps and resume each other's
+weights. The lock is a file `.nnxloop-lock` in the directory, holding the writer's host, PID
+and start time. A holder that is gone does not keep it:
+
+- on the same host, a holder whose PID no longer runs (killed with `kill -9`, say) is gone;
+- on another host (whose PIDs cannot be checked from here), a holder is gone once it has not
+  refreshed the file for `STALE_AFTER` seconds: a live holder refreshes it every
+  `REFRESH_EVERY` seconds from a background thread.
+
+Several processes of one run share the lock: process 0 holds it for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import jax
+
+from nnxloop.checkpointing.errors import CheckpointError
+
+log = logging.getLogger("nnxloop")
+
+LOCK_FILE = ".nnxloop-lock"
+REFRESH_EVERY = 30.0
+STALE_AFTER = 120.0
+
+_held: dict[str, _Holding] = {}  # directory -> this process's holding (re-entrant)
+_held_guard = threading.Lock()
+
+
+class _Holding:
+    def __init__(self, path: str):
+        self.path = path
+        self.count = 1
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._refresh, name="nnxloop-lock", daemon=True)
+        self.thread.start()
+
+    def _refresh(self) -> None:
+        while not self.stop.wait(REFRESH_EVERY):
+            with contextlib.suppress(OSError):  # a vanished directory fails the next save
+                os.utime(self.path)
+
+
+def _alive_here(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _read(path: str) -> tuple[dict[str, Any], float] | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder, os.path.getmtime(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}, os.path.getmtime(path) if os.path.exists(path) else 0.0
+
+
+def _is_live(holder: dict[str, Any], mtime: float) -> bool:
+    host, pid = holder.get("host"), holder.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int):
+        return _alive_here(pid)
+    return time.time() - mtime < STALE_AFTER
+
+
+def acquire(directory: str) -> None:
+    """Takes the lock of `directory` for this process (again, if it holds it already).
+
+    Raises:
+        CheckpointError: another live run holds it; the message names its host and PID.
+    """
+    if jax.process_index() != 0:
+        return
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, LOCK_FILE)
+    with _held_guard:
+        holding = _held.get(directory)
+        if holding is not None:
+            holding.count += 1
+            return
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = _read(path)
+                if found is None:
+                    continue  # released meanwhile
+                holder, mtime = found
+                if _is_live(holder, mtime):
+                    raise CheckpointError(
+                        f"{directory} is being written by another run (host "
+                        f"{holder.get('host')}, PID {holder.get('pid')}, since "
+                        f"{time.ctime(holder.get('started', mtime))}). Two runs in one "
+                        "directory would mix their checkpoints: wait for it to end, stop it, or "
+                        f"use another directory. (If that run is gone, delete {path}.)"
+                    ) from None
+                log.warning(
+                    "Taking over the lock of %s from a run that is gone (host %s, PID %s).",
+                    directory,
+                    holder.get("host"),
+                    holder.get("pid"),
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            _held[directory] = _Holding(path)
+            return
+        raise CheckpointError(f"Could not take the lock {path}; another run keeps taking it.")
+
+
+def release(directory: str) -> None:
+    """Gives up this process's lock of `directory` (once for each `acquire`)."""
+    if jax.process_index() != 0:
+        return
+    directory = os.path.abspath(directory)
+    with _held_guard:
+        holding = _held.get(directory)
+        if holding is None:
+            return
+        holding.count -= 1
+        if holding.count:
+            return
+        del _held[directory]
+        holding.stop.set()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(holding.path)
