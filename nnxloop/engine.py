@@ -7,6 +7,7 @@ replaces, and accumulates metrics on device, so the per-step host work is one di
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnxloop import data as data_lib
+
+log = logging.getLogger("nnxloop")
 
 Metrics = dict[str, jax.Array]
 
@@ -146,6 +149,8 @@ class StepEngine:
         self._graphdef_eval, state = nnx.split((model, optimizer))
         model.train()
         self._graphdef_train, state = nnx.split((model, optimizer))
+        self._batch_shapes: set[tuple[Any, ...]] = set()
+        self._warned_shapes = False
         leaves, self._treedef = jax.tree.flatten(state)
         self.paths = [
             jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
@@ -337,9 +342,31 @@ class StepEngine:
 
         Returns the new accumulator and the step metrics (stacked when `stacked`), on device.
         """
+        fn = self._train_fn(stacked)
+        compiled = fn._cache_size()
         with jax.set_mesh(self.mesh):  # user code may name mesh axes (Explicit sharding)
-            self.leaves, acc, metrics = self._train_fn(stacked)(self.leaves, acc, batch)
+            self.leaves, acc, metrics = fn(self.leaves, acc, batch)
+        if fn._cache_size() != compiled:
+            self._compiled_for(batch, stacked)
         return acc, metrics
+
+    def _compiled_for(self, batch: Any, stacked: bool) -> None:
+        """Notes that the step was compiled for `batch`'s shapes; warns once when a third
+        shape needs a compile (one shape, plus a smaller last batch, is expected)."""
+        shapes = tuple(np.shape(x)[1:] if stacked else np.shape(x) for x in jax.tree.leaves(batch))
+        self._batch_shapes.add(shapes)
+        if len(self._batch_shapes) > 2 and not self._warned_shapes:
+            self._warned_shapes = True
+            seen = "; ".join(" ".join(map(str, s)) for s in sorted(self._batch_shapes))
+            log.warning(
+                "The train step was compiled again, for a %d%s batch shape (shapes seen: %s). "
+                "Each new batch shape compiles the step anew, which can make training many "
+                "times slower: pad batches to one shape, or drop the last partial batch (e.g. "
+                "grain's .batch(n, drop_remainder=True)).",
+                len(self._batch_shapes),
+                "rd" if len(self._batch_shapes) == 3 else "th",
+                seen,
+            )
 
     def evaluate(self, batches) -> dict[str, float]:
         """Averages `eval_step` metrics over all batches, weighting each by its size."""

@@ -384,3 +384,21 @@ def test_a_non_json_iterator_state_is_reported_once(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="nnxloop"):
         checkpointing_trainer(tmp_path / "c").fit(Opaque(make_batches(3)), max_steps=9)
     assert caplog.text.count("not JSON-serialisable") == 1
+
+
+def test_a_third_batch_shape_warns_once_naming_the_shapes(caplog):
+    sizes = [16, 16, 8, 12, 4, 16, 20]  # five shapes: compiles for each
+    data = [b for n in sizes for b in make_batches(1, batch=n, seed=n)]
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, stage_data=False)
+    with caplog.at_level("WARNING", logger="nnxloop"):
+        trainer.fit(data, epochs=2)
+    warnings = [r.message for r in caplog.records if "compiled again" in r.message]
+    assert len(warnings) == 1
+    assert "(16, 6)" in warnings[0] and "(8, 6)" in warnings[0] and "drop_remainder" in warnings[0]
+
+
+def test_one_shape_and_a_smaller_last_batch_do_not_warn(caplog):
+    data = make_batches(3) + make_batches(1, batch=8)
+    with caplog.at_level("WARNING", logger="nnxloop"):
+        nl.Trainer(make_model(), tx(), loss_fn=loss_fn).fit(data, epochs=2)
+    assert "compiled again" not in caplog.text
