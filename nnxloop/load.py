@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -17,6 +19,8 @@ from nnxloop.checkpointing import (
     list_checkpoints,
     path_shapes,
 )
+
+log = logging.getLogger("nnxloop")
 
 
 def _resolve_step(store: CheckpointStore, step: int | str) -> int:
@@ -45,6 +49,26 @@ def _resolve_step(store: CheckpointStore, step: int | str) -> int:
     raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}.")
 
 
+def _read_model_state(store: CheckpointStore, step: int, abstract_state: Any) -> Any:
+    """The model state of `step`, on one device, after checking its meta and shapes."""
+    meta = store.read_meta(step)
+    if meta.get("step", step) != step:
+        raise ValueError(f"its meta says step {meta.get('step')!r}, its directory says {step}")
+    compare_shapes(
+        meta.get("model_shapes", {}),
+        path_shapes(abstract_state),
+        where=f"The checkpoint of step {step} in {store.directory}",
+    )
+    replicated = NamedSharding(
+        jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec()
+    )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
+    )
+    state, _ = store.restore(step, target)
+    return state
+
+
 def load_model(
     directory: str | os.PathLike,
     like: nnx.Module | Callable[[], nnx.Module],
@@ -63,8 +87,10 @@ def load_model(
         The model, holding the saved values, in eval mode.
 
     Raises:
-        CheckpointError: no checkpoints, no such step, or a model whose shapes differ (the
-            message names the leaf and both shapes).
+        CheckpointError: no checkpoints, no such step, a model whose shapes differ (the
+            message names the leaf and both shapes), or a damaged step. With
+            `step="latest"`, a damaged newest step is skipped with a warning and the one
+            before it is loaded.
 
     Example:
         ```python
@@ -85,21 +111,35 @@ def load_model(
             f"like must be an nnx.Module or a function building one, got {type(like).__name__}."
         )
     store = CheckpointStore(directory)
+    graphdef, abstract_state = nnx.split(abstract_model)
     try:
         chosen = _resolve_step(store, step)
-        graphdef, abstract_state = nnx.split(abstract_model)
-        compare_shapes(
-            store.read_meta(chosen).get("model_shapes", {}),
-            path_shapes(abstract_state),
-            where=f"The checkpoint of step {chosen} in {directory}",
-        )
-        replicated = NamedSharding(
-            jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec()
-        )
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
-        )
-        state, _ = store.restore(chosen, target)
+        # "latest" falls back over damaged steps, as resuming does (but moves nothing aside:
+        # loading only reads); a step asked for by number or as "best" is that step or an error.
+        candidates = [s for s in reversed(store.steps()) if s <= chosen]
+        if step != "latest":
+            candidates = [chosen]
+        state = None
+        for candidate in candidates:
+            try:
+                state = _read_model_state(store, candidate, abstract_state)
+                break
+            except CheckpointError:
+                raise  # not damage: another model, another step
+            except Exception as exc:  # orbax raises many types for damaged files
+                where = f"The checkpoint of step {candidate} in {directory}"
+                why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                if step != "latest":
+                    raise CheckpointError(
+                        f"{where} cannot be read ({why}); it is damaged. Load another step "
+                        f"(`nnxloop inspect {directory}` lists them)."
+                    ) from exc
+                log.warning("%s cannot be read (%s); loading the one before.", where, why)
+        if state is None:
+            raise CheckpointError(
+                f"No checkpoint in {directory} can be read (steps {candidates}, newest first, "
+                "were tried; the warnings above say why)."
+            )
     finally:
         store.close()
     if model is None:
