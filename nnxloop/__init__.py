@@ -12,6 +12,7 @@ from nnxloop.callbacks import (
     MetricsLogger,
     MonitorCallback,
     TerminateOnNaN,
+    TrainerView,
 )
 from nnxloop.checkpointing import CheckpointError
 from nnxloop.history import History
@@ -35,6 +36,7 @@ __all__ = [
     "MonitorCallback",
     "TerminateOnNaN",
     "Trainer",
+    "TrainerView",
     "__version__",
     "distributed",
     "load_model",

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from nnxloop import data as data_lib
 from nnxloop import feed
 from nnxloop.callbacks.base import Callback, CallbackList
+from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
 from nnxloop.console import announce
 from nnxloop.engine import StepEngine, partition_specs
@@ -22,7 +24,7 @@ from nnxloop.loop import FitLoop
 from nnxloop.metrics import Accumulation, PendingTotals
 from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import ProgressBar, wanted
-from nnxloop.training_checkpoint import SaveCoordinator
+from nnxloop.training_checkpoint import SaveCoordinator, restore_training
 
 log = logging.getLogger("nnxloop")
 
@@ -239,6 +241,73 @@ class Trainer(FitLoop):
     def engine(self) -> StepEngine:
         """The compiled step engine holding the flat training state (for checkpoint I/O)."""
         return self._engine
+
+    @property
+    def model_class(self) -> type:
+        """The model's class, read without bringing the model's values up to date."""
+        return type(self._model)
+
+    def parameter_shapes(self) -> nnx.State:
+        """The model's `nnx.Param` variables as `jax.ShapeDtypeStruct`s: no device work."""
+        return nnx.state(nnx.eval_shape(lambda: self._model), nnx.Param)
+
+    def learning_rate(self) -> jax.Array | None:
+        """The learning rate the last update used, when the optimizer holds it
+        (`optax.inject_hyperparams`): a copy of this process's replica, its transfer to the
+        host started, never waited for. None for an optimizer that does not hold one."""
+        opt_state = self._engine.state()[1]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+            if "hyperparams" in keys and "learning_rate" in keys:
+                # A copy, as the state's buffer is donated to the next step; of this process's
+                # own replica, so that one process alone runs no computation on a global array.
+                value = jnp.copy(leaf.addressable_data(0))
+                value.copy_to_host_async()
+                return value
+        return None
+
+    # -- checkpoints (the callbacks' way to the save machinery) ---------------------------
+
+    def save_checkpoint(
+        self,
+        store: CheckpointStore,
+        *,
+        metrics: dict[str, float] | None = None,
+        extra_meta: dict[str, Any] | None = None,
+        on_refused: Callable[[int], None] | None = None,
+        final: bool = False,
+    ) -> bool:
+        """Saves the whole training state of this step to `store`; False when nothing is
+        written (the step exists, or the state is not finite). See `TrainerView`."""
+        return self.save_coordinator.save(
+            self, store, metrics=metrics, extra_meta=extra_meta, on_refused=on_refused, final=final
+        )
+
+    def wait_for_saves(self, store: CheckpointStore | None = None) -> None:
+        """Waits for the background saves to `store` (all stores when None) to finish."""
+        if store is None:
+            self.save_coordinator.wait_all()
+        else:
+            self.save_coordinator.finish(store)
+
+    def check_saves(self) -> None:
+        """Raises the error of any background save that has finished with one."""
+        self.save_coordinator.poll()
+
+    def save_in_background(self, max_in_flight: int) -> None:
+        """Makes this `fit`'s saves asynchronous, at most `max_in_flight` at once."""
+        self.save_coordinator.enable_async(max_in_flight)
+
+    def restore_checkpoint(self, store: CheckpointStore) -> int | None:
+        """Restores the newest readable checkpoint of `store`; returns its step or None."""
+        return restore_training(self, store)
+
+    def load_model_state(self, store: CheckpointStore, step: int) -> None:
+        """Replaces the model's state with the one saved at `step` in `store`."""
+        abstract = self._engine.abstract_state()
+        model_state, _ = store.restore(step, abstract[0])
+        n_model = len(jax.tree.leaves(abstract[0]))
+        self._engine.set_leaves(jax.tree.leaves(model_state) + self._engine.leaves[n_model:])
 
     def data_state(self) -> Any:
         """The state of the current epoch's data iterator, if it has `get_state`, else None."""

@@ -8,6 +8,7 @@ from nnxloop.callbacks.early_stopping import EarlyStopping
 from nnxloop.callbacks.metrics_logger import MetricsLogger
 from nnxloop.callbacks.monitor import MonitorCallback
 from nnxloop.callbacks.terminate_on_nan import TerminateOnNaN
+from nnxloop.callbacks.view import TrainerView
 
 __all__ = [
     "AsyncSaveCallback",
@@ -18,4 +19,5 @@ __all__ = [
     "MetricsLogger",
     "MonitorCallback",
     "TerminateOnNaN",
+    "TrainerView",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from nnxloop.callbacks.base import Callback
+from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.callbacks.view import TrainerView
 
 
 class AsyncSaveCallback(Callback):
@@ -30,14 +31,14 @@ class AsyncSaveCallback(Callback):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
         self.max_in_flight = max_in_flight
 
-    def on_train_begin(self, trainer) -> None:
-        trainer.save_coordinator.enable_async(self.max_in_flight)
+    def on_train_begin(self, trainer: TrainerView) -> None:
+        trainer.save_in_background(self.max_in_flight)
 
-    def on_step_end(self, trainer, step, logs) -> None:
-        trainer.save_coordinator.poll()
+    def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
+        trainer.check_saves()
 
-    def on_eval_end(self, trainer, step, metrics) -> None:
-        trainer.save_coordinator.poll()
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
+        trainer.check_saves()
 
-    def on_train_end(self, trainer) -> None:
-        trainer.save_coordinator.wait_all()
+    def on_train_end(self, trainer: TrainerView) -> None:
+        trainer.wait_for_saves()

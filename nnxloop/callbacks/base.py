@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 
-if TYPE_CHECKING:
-    from nnxloop.trainer import Trainer
+from nnxloop.callbacks.view import TrainerView
 
 Logs = Mapping[str, Any]
 
@@ -31,13 +30,13 @@ class Callback:
         ```
     """
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         """Called once when `fit` starts, before the first step (checkpoints restore here)."""
 
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         """Called before the first step of epoch `epoch` (0-based; also a resumed epoch)."""
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: Logs) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
         """Called after every optimizer step; `step` counts updates done (1 after the first).
 
         `logs` maps metric names to this step's values, as device arrays. With
@@ -46,23 +45,23 @@ class Callback:
         the trainer holds.
         """
 
-    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
         """Called after each evaluation during `fit`, with `val_`-prefixed metrics."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: Mapping[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, logs: Mapping[str, float]) -> None:
         """Called after an epoch, with its averaged training metrics and any `val_` metrics.
 
         `logs` is a mapping of floats; the training averages are read from
         the device when first accessed (`dict(logs)` or `logs.copy()` gives a plain dict).
         """
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         """Called once when `fit` ends cleanly (also on `stop_training` or preemption)."""
 
-    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         """Called when `fit` fails with `exc`; the exception propagates afterwards."""
 
-    def next_step(self, trainer: Trainer, step: int) -> int | None:
+    def next_step(self, trainer: TrainerView, step: int) -> int | None:
         """The next step after `step` at which this callback needs the state exactly, if any.
 
         With `steps_per_dispatch > 1`, a dispatch is shortened so that it ends on that step,
@@ -135,13 +134,13 @@ class CallbackList:
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
-    def next_step(self, trainer: Trainer, step: int) -> int | None:
+    def next_step(self, trainer: TrainerView, step: int) -> int | None:
         wanted = [cb.next_step(trainer, step) for cb in self.with_next_step]
         wanted = [s for s in wanted if s is not None and s > step]
         return min(wanted) if wanted else None
 
 
-class StepLogs(Mapping):
+class StepLogs(Mapping[str, jax.Array]):
     """The metrics of one step of a multi-step dispatch, sliced from the stacked arrays on read."""
 
     __slots__ = ("_stacked", "_index")

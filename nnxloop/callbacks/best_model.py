@@ -7,9 +7,8 @@ import math
 import os
 from typing import Any
 
-import jax
-
 from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
 from nnxloop.checks import positive_int
 
@@ -39,7 +38,7 @@ class BestModelCallback(MonitorCallback):
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike[str],
         *,
         monitor: str = "val_loss",
         mode: str = "min",
@@ -69,13 +68,13 @@ class BestModelCallback(MonitorCallback):
     def best_step(self) -> int | None:
         return self.kept[0][0] if self.kept else None
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         super().on_train_begin(trainer)
         check_directory(self.store.directory, what="Best-model directory")
         lock.acquire(self.store.directory)
         self._checked_directory = False
 
-    def on_epoch_begin(self, trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         # After every on_train_begin, so after any checkpoint restore: a run that starts from
         # scratch must not rank against, or be deleted for, another run's best checkpoints.
         if self._checked_directory:
@@ -95,10 +94,10 @@ class BestModelCallback(MonitorCallback):
             return self.is_better(value, None)
         return self.is_better(value, self.kept[-1][1])
 
-    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
         # Our previous save, if still being written, must be known good or refused before
         # ranking against it (and ranking then agrees on every process).
-        trainer.save_coordinator.finish(self.store)
+        trainer.wait_for_saves(self.store)
         value = self.monitored_value(metrics)
         if not self._ranks(value) or any(s == step for s, _ in self.kept):
             return
@@ -112,8 +111,7 @@ class BestModelCallback(MonitorCallback):
         # state is bitwise the same, so the one on disk stands.
         if self.store.has_step(step):
             return
-        saved = trainer.save_coordinator.save(
-            trainer,
+        saved = trainer.save_checkpoint(
             self.store,
             metrics={self.monitor: value},
             extra_meta={"best": {"monitor": self.monitor, "mode": self.mode, "value": value}},
@@ -126,26 +124,22 @@ class BestModelCallback(MonitorCallback):
         # Nothing was written (or a non-finite state was refused): the ranking before stands.
         self.kept, self.best = previous
 
-    def on_exception(self, trainer, exc: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         lock.release(self.store.directory)
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         try:
             self._restore_best(trainer)
         finally:
-            trainer.save_coordinator.finish(self.store)
+            trainer.wait_for_saves(self.store)
             lock.release(self.store.directory)
 
-    def _restore_best(self, trainer) -> None:
+    def _restore_best(self, trainer: TrainerView) -> None:
         # A preempted run goes on after a restart from its own state, not from the best one.
         if not (self.restore_on_train_end and self.kept) or trainer.preempted:
             return
-        trainer.save_coordinator.wait_all()
-        engine = trainer.engine
-        abstract = engine.abstract_state()
-        model_state, _ = self.store.restore(self.best_step, abstract[0])
-        n_model = len(jax.tree.leaves(abstract[0]))
-        engine.set_leaves(jax.tree.leaves(model_state) + engine.leaves[n_model:])
+        trainer.wait_for_saves()
+        trainer.load_model_state(self.store, self.kept[0][0])
         log.info(
             "Restored the best weights (step %d, %s=%g).", self.best_step, self.monitor, self.best
         )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
 from nnxloop.checks import positive_int
 from nnxloop.console import announce
-from nnxloop.training_checkpoint import restore_training
 from nnxloop.triggers import Trigger
 
 DEFAULT_EVERY_STEPS = 1000
@@ -48,7 +49,7 @@ class CheckpointCallback(Callback):
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike[str],
         *,
         every_steps: int | None = None,
         every_epochs: int | None = None,
@@ -77,7 +78,7 @@ class CheckpointCallback(Callback):
     def state_key(self) -> str:
         return f"CheckpointCallback({self._given_directory})"
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         check_directory(self.store.directory, what="Checkpoint directory")
         lock.acquire(self.store.directory)  # one live run per directory, until fit ends
         if self._default_trigger:
@@ -96,33 +97,33 @@ class CheckpointCallback(Callback):
             )
         self._started = True
         if self.resume:
-            self.restored_step = restore_training(trainer, self.store)
+            self.restored_step = trainer.restore_checkpoint(self.store)
             if self.restored_step is not None:
                 announce("Resumed from step %d of %s.", self.restored_step, self.store.directory)
 
-    def next_step(self, trainer, step: int) -> int | None:
+    def next_step(self, trainer: TrainerView, step: int) -> int | None:
         return self.trigger.next_step(step)
 
-    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
         if trainer.state_is_current and self.trigger.step_due(step, at_boundary=True):
             self._save(trainer)
 
-    def on_epoch_end(self, trainer, epoch: int, logs) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, logs: Mapping[str, float]) -> None:
         if self.trigger.epoch_due(trainer.epoch):
             self._save(trainer)
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self._save(trainer, final=True)
-        trainer.save_coordinator.finish(self.store)
+        trainer.wait_for_saves(self.store)
         lock.release(self.store.directory)
 
-    def on_exception(self, trainer, exc: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         lock.release(self.store.directory)
 
     def reset_state(self) -> None:
         self.restored_step = None
         self._started = False
 
-    def _save(self, trainer, *, final: bool = False) -> None:
-        trainer.save_coordinator.save(trainer, self.store, final=final)
+    def _save(self, trainer: TrainerView, *, final: bool = False) -> None:
+        trainer.save_checkpoint(self.store, final=final)
         self.trigger.fired()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.callbacks.view import TrainerView
 from nnxloop.checks import positive_int
 from nnxloop.console import announce
 
@@ -40,7 +41,7 @@ class EarlyStopping(MonitorCallback):
         self.patience = patience
         self.wait = 0
 
-    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
         value = self.monitored_value(metrics)
         if self.is_better(value, self.best):
             self.best, self.wait = value, 0

@@ -10,26 +10,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from clu import parameter_overview
 from flax import nnx
 
 from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import check_directory
 from nnxloop.checks import positive_int
 from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
 
 log = logging.getLogger("nnxloop")
-
-
-def injected_learning_rate(trainer) -> jax.Array | None:
-    """The learning rate held in `optax.inject_hyperparams` state, if the optimizer has one."""
-    opt_state = trainer.engine.state()[1]
-    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "hyperparams" in keys and "learning_rate" in keys:
-            return leaf
-    return None
 
 
 class MetricsLogger(Callback):
@@ -61,7 +51,7 @@ class MetricsLogger(Callback):
 
     def __init__(
         self,
-        logdir: str | os.PathLike,
+        logdir: str | os.PathLike[str],
         *,
         every_steps: int = 50,
         learning_rate: Callable[[int], Any] | float | None = None,
@@ -88,7 +78,7 @@ class MetricsLogger(Callback):
             ]
         )
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
         if not self._active:
@@ -99,25 +89,30 @@ class MetricsLogger(Callback):
         self._mark = None
         self._queue: list[tuple[int, Any, Any, int, Any]] = []  # lines waiting for the device
 
-    def on_epoch_begin(self, trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         if self._active and self._mark is None:  # the first step to come, after any restore
             self._mark = (time.perf_counter(), trainer.step, trainer.examples_seen)
             self._due = (trainer.step // self.every_steps + 1) * self.every_steps
 
-    def _writer(self, trainer) -> MetricWriter:
+    def _writer(self, trainer: TrainerView) -> MetricWriter:
         if self.writer is None:
             with self._writing():
                 self.writer = self._make_writer(resume_step=self._resume_step(trainer))
                 self._write_run_info(trainer)
         return self.writer
 
-    def _resume_step(self, trainer) -> int:
+    def _writer_open(self) -> MetricWriter:
+        if self.writer is None:
+            raise RuntimeError("MetricsLogger wrote a line before opening its writer.")
+        return self.writer
+
+    def _resume_step(self, trainer: TrainerView) -> int:
         # The step training (re)started from: lines after it are from a killed run.
         return self._mark[1] if self._mark is not None else trainer.step
 
-    def _write_run_info(self, trainer) -> None:
+    def _write_run_info(self, trainer: TrainerView) -> None:
         # Shapes only: process 0 alone must not run device computations on global arrays.
-        params = nnx.state(nnx.eval_shape(lambda: trainer.engine.model), nnx.Param)
+        params = trainer.parameter_shapes()
         count = sum(x.size for x in jax.tree.leaves(params))
         hparams = {
             "steps_per_dispatch": trainer.steps_per_dispatch,
@@ -125,16 +120,17 @@ class MetricsLogger(Callback):
             "max_steps": trainer.fit_max_steps or 0,
             "devices": jax.device_count(),
             "parameters": count,
-            "model": type(trainer.engine.model).__name__,
+            "model": trainer.model_class.__name__,
             **self.hparams,
         }
-        self.writer.write_hparams(hparams)
+        writer = self._writer_open()
+        writer.write_hparams(hparams)
         overview = parameter_overview.get_parameter_overview(
             nnx.to_pure_dict(params), include_stats=False
         )
-        self.writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
+        writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
 
-    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
         # Logs at the first dispatch boundary at or after each multiple of every_steps, without
         # cutting a dispatch short for it (with steps_per_dispatch=K, cutting would turn K-step
         # scans into single steps around every log); the window average is still exact.
@@ -167,6 +163,7 @@ class MetricsLogger(Callback):
             # Rates between the moments two lines' values were seen on the host: device
             # time, not how far ahead the host has dispatched.
             now = time.perf_counter()
+            assert self._mark is not None  # set at the first epoch, before any line
             then, then_step, then_examples = self._mark
             if step > then_step and now > then:
                 scalars["steps_per_sec"] = (step - then_step) / (now - then)
@@ -175,25 +172,18 @@ class MetricsLogger(Callback):
             if lr is not None:
                 scalars["learning_rate"] = float(lr)
             if scalars:
-                self.writer.write_scalars(step, scalars)
+                self._writer_open().write_scalars(step, scalars)
 
-    def _learning_rate(self, trainer, step: int) -> Any:
+    def _learning_rate(self, trainer: TrainerView, step: int) -> Any:
         # The rate the last update used: the schedule's count was step - 1 for it, as it is
         # in `optax.inject_hyperparams` state after that update.
         if callable(self.learning_rate):
             return self.learning_rate(step - 1)
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        injected = injected_learning_rate(trainer)
-        if injected is None:
-            return None
-        # A copy, as the state's buffer is donated to the next step; of this process's own
-        # replica, so that process 0 alone runs no computation on a global array.
-        value = jnp.copy(injected.addressable_data(0))
-        value.copy_to_host_async()
-        return value
+        return trainer.learning_rate()
 
-    def on_eval_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
             return
         writer = self._writer(trainer)
@@ -227,14 +217,14 @@ class MetricsLogger(Callback):
                 "run again: the run resumes from its last checkpoint, and its log from there.",
             ) from exc
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self._active and self.writer is not None:
             with self._writing():
                 self._write_ready(wait=True)
         with self._writing():
             self._close()
 
-    def on_exception(self, trainer, exc: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         # Best effort: the device or the disk may be what failed, and the error in flight
         # is the one to report.
         if self._active and self.writer is not None:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 
 from nnxloop.callbacks.base import Callback
+from nnxloop.callbacks.view import TrainerView
 
 
 class MonitorCallback(Callback):
@@ -36,7 +37,7 @@ class MonitorCallback(Callback):
     def state_key(self) -> str:
         return f"{type(self).__name__}({self.monitor})"
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         if not trainer.fit_evaluates:
             raise ValueError(
                 f"{type(self).__name__} watches {self.monitor!r}, an evaluation metric, but fit "

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from nnxloop.callbacks.base import Callback, Logs
+from nnxloop.callbacks.view import TrainerView
 
 log = logging.getLogger("nnxloop")
 
@@ -33,21 +36,21 @@ class TerminateOnNaN(Callback):
 
     def __init__(self, *, metric: str = "loss"):
         self.metric = metric
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()
         self.stopped_at: int | None = None
 
     @property
     def state_key(self) -> str:
         return f"TerminateOnNaN({self.metric})"
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         self._pending.clear()
 
     def reset_state(self) -> None:
         self._pending.clear()
         self.stopped_at = None
 
-    def on_step_end(self, trainer, step: int, logs: Logs) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
         if not trainer.state_is_current:
             return  # one check per dispatch covers all of its steps
         values = trainer.last_metrics.get(self.metric)
@@ -59,7 +62,7 @@ class TerminateOnNaN(Callback):
         self._pending.append((step, values))
         self._check(trainer, unchecked=1)
 
-    def _check(self, trainer, *, unchecked: int) -> None:
+    def _check(self, trainer: TrainerView, *, unchecked: int) -> None:
         """Checks the dispatches whose losses are on the host, and waits for all but the
         newest `unchecked` ones."""
         while self._pending and (len(self._pending) > unchecked or self._pending[0][1].is_ready()):
@@ -71,5 +74,5 @@ class TerminateOnNaN(Callback):
                 self._pending.clear()
                 return
 
-    def on_epoch_end(self, trainer, epoch, logs) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, logs: Mapping[str, float]) -> None:
         self._check(trainer, unchecked=0)
