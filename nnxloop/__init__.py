@@ -1,7 +1,5 @@
 """nnxloop: a training loop for JAX and Flax NNX with trustworthy checkpointing."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from nnxloop import distributed
 from nnxloop.callbacks import (
     AsyncSaveCallback,
@@ -18,11 +16,9 @@ from nnxloop.checkpointing import CheckpointError
 from nnxloop.history import History
 from nnxloop.load import load_model
 from nnxloop.trainer import Trainer
+from nnxloop.version import package_version
 
-try:
-    __version__ = version("nnxloop")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+__version__ = package_version()
 
 __all__ = [
     "AsyncSaveCallback",

@@ -251,20 +251,49 @@ class Trainer(FitLoop):
         """The model's `nnx.Param` variables as `jax.ShapeDtypeStruct`s: no device work."""
         return nnx.state(nnx.eval_shape(lambda: self._model), nnx.Param)
 
+    def _learning_rate_index(self) -> int | None:
+        """Where the optimizer state's injected learning rate is among the engine's leaves."""
+        state = self._engine.state()  # (model state, optimizer state): its leaves in order
+        for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
+            keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+            if keys[0] == 1 and "hyperparams" in keys and "learning_rate" in keys:
+                return i
+        return None
+
     def learning_rate(self) -> jax.Array | None:
         """The learning rate the last update used, when the optimizer holds it
         (`optax.inject_hyperparams`): a copy of this process's replica, its transfer to the
         host started, never waited for. None for an optimizer that does not hold one."""
-        opt_state = self._engine.state()[1]
-        for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-            keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-            if "hyperparams" in keys and "learning_rate" in keys:
-                # A copy, as the state's buffer is donated to the next step; of this process's
-                # own replica, so that one process alone runs no computation on a global array.
-                value = jnp.copy(leaf.addressable_data(0))
-                value.copy_to_host_async()
-                return value
-        return None
+        index = self._learning_rate_index()
+        if index is None:
+            return None
+        # A copy, as the state's buffer is donated to the next step; of this process's own
+        # replica, so that one process alone runs no computation on a global array.
+        value = jnp.copy(self._engine.leaves[index].addressable_data(0))
+        value.copy_to_host_async()
+        return value
+
+    def set_learning_rate(self, value: float) -> None:
+        """Sets the learning rate the next updates use, in an optimizer built with
+        `optax.inject_hyperparams` (it is part of the optimizer state, so it is saved with
+        every checkpoint and a resumed run goes on with it).
+
+        Raises:
+            ValueError: the optimizer does not hold its learning rate in its state.
+        """
+        index = self._learning_rate_index()
+        if index is None:
+            raise ValueError(
+                "set_learning_rate needs the learning rate in the optimizer state: build the "
+                "optimizer with optax.inject_hyperparams, e.g. "
+                "optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)."
+            )
+        leaves = list(self._engine.leaves)
+        old = leaves[index]
+        leaves[index] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+        self._engine.set_leaves(leaves)
+        if not self._running:
+            self._engine.sync_to_objects()
 
     # -- checkpoints (the callbacks' way to the save machinery) ---------------------------
 

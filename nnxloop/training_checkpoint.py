@@ -11,13 +11,10 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import jax
-
-if TYPE_CHECKING:
-    from nnxloop.trainer import Trainer
 
 from nnxloop.checkpointing import (
     CheckpointError,
@@ -27,8 +24,39 @@ from nnxloop.checkpointing import (
     fingerprint,
     path_shapes,
 )
+from nnxloop.version import package_version
 
 log = logging.getLogger("nnxloop")
+
+
+class Checkpointed(Protocol):
+    """What this module reads and sets on the trainer it saves or restores (it imports no
+    trainer: the trainer imports it)."""
+
+    step: int
+    epoch: int
+    position: int
+    stop_training: bool
+    preempted: bool
+    steps_per_dispatch: int
+
+    @property
+    def engine(self) -> Any: ...
+
+    @property
+    def callbacks(self) -> Iterable[Any]: ...
+
+    def data_state(self) -> Any: ...
+
+    def restore_progress(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        position: int,
+        data_state: Any = None,
+        stopped: bool = False,
+    ) -> None: ...
 
 
 def _legacy_key(index: int, callback: Any) -> str:
@@ -85,7 +113,7 @@ def _decode(data_state: Any) -> Any:
     return data_state
 
 
-def training_meta(trainer: Trainer) -> dict[str, Any]:
+def training_meta(trainer: Checkpointed) -> dict[str, Any]:
     """The JSON item of a training checkpoint for the trainer's current state."""
     engine = trainer.engine
     shapes = path_shapes(engine.state()[0])
@@ -116,12 +144,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _version() -> str:
-    from nnxloop import __version__
-
-    return __version__
+    return package_version()
 
 
-def restore_training(trainer: Trainer, store: CheckpointStore) -> int | None:
+def restore_training(trainer: Checkpointed, store: CheckpointStore) -> int | None:
     """Restores the newest readable checkpoint of `store` into `trainer`; returns its step.
 
     A checkpoint that fails to read is renamed aside with a warning naming its step, and the
@@ -214,7 +240,7 @@ class SaveCoordinator:
 
     def save(
         self,
-        trainer: Trainer,
+        trainer: Checkpointed,
         store: CheckpointStore,
         *,
         metrics: dict[str, float] | None = None,

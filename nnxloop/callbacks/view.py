@@ -80,6 +80,12 @@ class TrainerView(Protocol):
         otherwise."""
         ...
 
+    def set_learning_rate(self, value: float) -> None:
+        """Sets the learning rate of the next updates, in an optimizer built with
+        `optax.inject_hyperparams` (a `ValueError` says so otherwise); it is saved with
+        every checkpoint."""
+        ...
+
     def save_checkpoint(
         self,
         store: CheckpointStore,
