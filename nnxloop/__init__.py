@@ -13,6 +13,7 @@ from nnxloop.callbacks import (
     TrainerView,
 )
 from nnxloop.checkpointing import CheckpointError
+from nnxloop.engine import Step
 from nnxloop.history import History
 from nnxloop.load import load_model
 from nnxloop.trainer import Trainer
@@ -30,6 +31,7 @@ __all__ = [
     "History",
     "MetricsLogger",
     "MonitorCallback",
+    "Step",
     "TerminateOnNaN",
     "Trainer",
     "TrainerView",

@@ -7,10 +7,12 @@ replaces, and accumulates metrics on device, so the per-step host work is one di
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,32 @@ from nnxloop import data as data_lib
 log = logging.getLogger("nnxloop")
 
 Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class Step:
+    """What a `train_step` that asks for it is told about its update (traced values).
+
+    Attributes:
+        number: this update's number, counted from 1 over the whole run: the optimizer's
+            update count plus one, so it is checkpointed and a resumed run goes on counting.
+            After the update, `trainer.step` equals it.
+        key: a PRNG key for this update alone, `fold_in(base key, number)`: the same at the
+            same update in any run with the same `seed`, resumed or not.
+    """
+
+    number: jax.Array
+    key: jax.Array
+
+
+def _wants_step(train_step: Callable[..., Any]) -> bool:
+    """Whether `train_step` takes a fourth argument (a `Step`) after model, optimizer, batch."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def _is_key(leaf: Any) -> bool:
@@ -136,11 +164,14 @@ class StepEngine:
         train_step: Callable[..., Any],
         eval_step: Callable[..., Any],
         predict_step: Callable[..., Any],
+        step_seed: int = 0,
     ):
         self.model = model
         self.optimizer = optimizer
         self.mesh = mesh
         self._train_step = train_step
+        self._wants_step = _wants_step(train_step)
+        self._step_seed = step_seed
         self._eval_step = eval_step
         self._predict_step = predict_step
         self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -223,7 +254,13 @@ class StepEngine:
 
     def _one_train_step(self, leaves, batch):
         model, optimizer = self._merge(self._graphdef_train, leaves)
-        metrics = _as_metrics(self._train_step(model, optimizer, batch), "train_step")
+        if self._wants_step:
+            number = jnp.asarray(optimizer.step[...], jnp.int32) + 1
+            key = jax.random.fold_in(jax.random.key(self._step_seed), number)
+            out = self._train_step(model, optimizer, batch, Step(number=number, key=key))
+        else:
+            out = self._train_step(model, optimizer, batch)
+        metrics = _as_metrics(out, "train_step")
         new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
         if treedef != self._treedef:
             raise ValueError(

@@ -17,6 +17,7 @@ from nnxloop.callbacks.base import StepLogs
 from nnxloop.console import announce
 from nnxloop.metrics import LazyLogs
 from nnxloop.progress import evaluation_progress
+from nnxloop.triggers import next_multiple
 
 FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
 
@@ -68,11 +69,11 @@ class FitLoop:
 
     def _chunk_end(self, max_steps, eval_every_steps) -> int:
         step, k = self.step, self.steps_per_dispatch
-        end = step + k - step % k  # chunks align to multiples of K, whatever the start
+        end = next_multiple(step, k)  # chunks align to multiples of K, whatever the start
         if max_steps is not None:
             end = min(end, max_steps)
         if eval_every_steps is not None:
-            end = min(end, step + eval_every_steps - step % eval_every_steps)
+            end = min(end, next_multiple(step, eval_every_steps))
         asked = self._dispatch.next_step(self, step)
         if asked is not None:
             end = min(end, asked)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from nnxloop import data as data_lib
 from nnxloop import feed
+from nnxloop.callbacks import default_callbacks
 from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
@@ -23,7 +24,7 @@ from nnxloop.history import History
 from nnxloop.loop import FitLoop
 from nnxloop.metrics import Accumulation, PendingTotals
 from nnxloop.preemption import PreemptionWatcher
-from nnxloop.progress import ProgressBar, wanted
+from nnxloop.progress import wanted
 from nnxloop.training_checkpoint import SaveCoordinator, restore_training
 
 log = logging.getLogger("nnxloop")
@@ -70,7 +71,8 @@ class Trainer(FitLoop):
         progress: show a progress bar; `None` shows one when stderr is a terminal.
         seed: `None` (the default) trains with the RNG streams the model was built with
             (`nnx.Rngs(dropout=...)`), as the Flax tutorial loop does; an int reseeds every
-            stream of the model from it.
+            stream of the model from it. It also seeds the per-update key a `train_step`
+            that takes a `step` argument gets (`None`: seed 0).
         stage_data: copy `train_data` that is a list or tuple of same-shaped batches to the
             device once per `fit` call, so that K-step dispatches (and, with K = 1, every
             step) stack, check and transfer no batch on the host: a K-step dispatch indexes
@@ -140,6 +142,7 @@ class Trainer(FitLoop):
                 train_step=self.train_step,
                 eval_step=self.eval_step,
                 predict_step=self.predict_step,
+                step_seed=seed if seed is not None else 0,
             )
         self.step = 0
         self.epoch = 0
@@ -179,6 +182,11 @@ class Trainer(FitLoop):
 
     def train_step(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """One optimizer update in training mode; returns a dict of scalar metrics.
+
+        An override may take a fourth argument, `step` (an `nl.Step`): this update's
+        number (`step.number`, from 1) and a PRNG key of its own (`step.key`), both traced,
+        both the same at the same update of a resumed run: `def train_step(self, model,
+        optimizer, batch, step)`. The three-argument form gets neither.
 
         The default differentiates `loss_fn` with respect to the `nnx.Param` variables and
         applies `optimizer.update(model, grads)`. Override it for full control (frozen layers,
@@ -428,7 +436,9 @@ class Trainer(FitLoop):
             for cb in self.callbacks:
                 cb.reset_state()
         self._show_progress = wanted(self.progress)
-        extra = [ProgressBar(self.log_every_steps)] if self._show_progress else []
+        extra = default_callbacks(
+            progress=self._show_progress, log_every_steps=self.log_every_steps
+        )
         self._dispatch = CallbackList([*self.callbacks, *extra])
         self._engine.load_from_objects()
         self._boundaries = 0

@@ -5,12 +5,19 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from nnxloop.checks import positive_int
 
-def _check_positive(name: str, value: float | None, kind: type) -> None:
+
+def next_multiple(step: int, n: int) -> int:
+    """The first multiple of `n` after `step` (the next step an every-`n` schedule acts on)."""
+    return step + n - step % n
+
+
+def _check_positive_secs(value: float | None) -> None:
     if value is None:
         return
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}.")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"every_secs must be a positive number of seconds, got {value!r}.")
 
 
 @dataclasses.dataclass
@@ -29,16 +36,15 @@ class Trigger:
     _last_fired: float = dataclasses.field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self) -> None:
-        _check_positive("every_steps", self.every_steps, int)
-        _check_positive("every_epochs", self.every_epochs, int)
-        if self.every_secs is not None:
-            _check_positive("every_secs", float(self.every_secs), float)
+        positive_int("every_steps", self.every_steps, optional=True)
+        positive_int("every_epochs", self.every_epochs, optional=True)
+        _check_positive_secs(self.every_secs)
 
     def next_step(self, step: int) -> int | None:
         """The next step after `step` on which the step trigger fires."""
         if self.every_steps is None:
             return None
-        return step + self.every_steps - step % self.every_steps
+        return next_multiple(step, self.every_steps)
 
     def step_due(self, step: int, *, at_boundary: bool) -> bool:
         if self.every_steps is not None and step % self.every_steps == 0:

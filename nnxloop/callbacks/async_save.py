@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.callbacks.view import TrainerView
+from nnxloop.checks import positive_int
 
 
 class AsyncSaveCallback(Callback):
@@ -27,8 +28,7 @@ class AsyncSaveCallback(Callback):
     """
 
     def __init__(self, *, max_in_flight: int = 1):
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}.")
+        positive_int("max_in_flight", max_in_flight)
         self.max_in_flight = max_in_flight
 
     def on_train_begin(self, trainer: TrainerView) -> None:

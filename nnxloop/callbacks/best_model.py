@@ -11,6 +11,7 @@ from nnxloop.callbacks.monitor import MonitorCallback
 from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
 from nnxloop.checks import positive_int
+from nnxloop.ranking import score
 
 log = logging.getLogger("nnxloop")
 
@@ -104,7 +105,7 @@ class BestModelCallback(MonitorCallback):
         # The new ranking goes into the checkpoint's own meta; it is undone if nothing is saved.
         previous = (list(self.kept), self.best)
         self.kept.append((step, value))
-        self.kept.sort(key=lambda sv: sv[1], reverse=self.mode == "max")
+        self.kept.sort(key=lambda sv: score(sv[1], self.mode), reverse=True)
         del self.kept[self.max_to_keep :]
         self.best = self.kept[0][1]
         # A resumed run re-evaluates steps whose checkpoint the killed run already wrote; the
@@ -153,7 +154,7 @@ class BestModelCallback(MonitorCallback):
         self.kept = [
             (int(s), float(v))
             for s, v in state.get("kept", [])
-            if math.isfinite(v) and self.store.has_step(int(s))
+            if score(v, self.mode) != -math.inf and self.store.has_step(int(s))
         ]
         self.best = self.kept[0][1] if self.kept else None
 

@@ -17,6 +17,7 @@ from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import check_directory
 from nnxloop.checks import positive_int
+from nnxloop.triggers import next_multiple
 from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
 
 log = logging.getLogger("nnxloop")
@@ -92,7 +93,7 @@ class MetricsLogger(Callback):
     def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         if self._active and self._mark is None:  # the first step to come, after any restore
             self._mark = (time.perf_counter(), trainer.step, trainer.examples_seen)
-            self._due = (trainer.step // self.every_steps + 1) * self.every_steps
+            self._due = next_multiple(trainer.step, self.every_steps)
 
     def _writer(self, trainer: TrainerView) -> MetricWriter:
         if self.writer is None:
@@ -141,7 +142,7 @@ class MetricsLogger(Callback):
                 self._write_ready(wait=False)
         if step < self._due:
             return
-        self._due = (step // self.every_steps + 1) * self.every_steps
+        self._due = next_multiple(step, self.every_steps)
         self._writer(trainer)
         # The line is queued with the device values it needs and written once they have
         # reached the host (checked at each dispatch's end, without waiting; all at an

@@ -3,11 +3,11 @@ track one metric (best-model checkpoints, early stopping)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from nnxloop.callbacks.base import Callback
 from nnxloop.callbacks.view import TrainerView
+from nnxloop.ranking import check_mode, improves
 
 
 class MonitorCallback(Callback):
@@ -22,8 +22,7 @@ class MonitorCallback(Callback):
     """
 
     def __init__(self, *, monitor: str, mode: str, min_delta: float = 0.0):
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}.")
+        check_mode(mode)
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a metric name, got {monitor!r}.")
         if min_delta < 0:
@@ -63,10 +62,4 @@ class MonitorCallback(Callback):
 
     def is_better(self, value: float, reference: float | None) -> bool:
         """Whether `value` improves on `reference` by more than `min_delta`."""
-        if not math.isfinite(value):
-            return False
-        if reference is None:
-            return True
-        if self.mode == "min":
-            return value < reference - self.min_delta
-        return value > reference + self.min_delta
+        return improves(value, reference, self.mode, self.min_delta)

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
+from nnxloop.ranking import score
 
 COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"
 
@@ -185,9 +186,9 @@ def best_step(summaries: list[StepSummary]) -> int | None:
         best = (s.meta or {}).get("best") if s.status == COMPLETE else None
         if best is None:
             continue
-        value = float(best["value"])
-        if math.isfinite(value):
-            ranked.append((value if best["mode"] == "min" else -value, s.step))
+        rank = score(best["value"], best["mode"])
+        if rank != -math.inf:
+            ranked.append((-rank, s.step))
     return min(ranked)[1] if ranked else None
 
 

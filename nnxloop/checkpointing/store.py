@@ -32,6 +32,7 @@ from nnxloop.checkpointing.guard import (
     item_handlers,
     non_finite_error,
 )
+from nnxloop.ranking import score
 
 log = logging.getLogger("nnxloop")
 
@@ -102,11 +103,13 @@ def compare_shapes(saved: dict[str, Any], target: dict[str, Any], *, where: str)
 
 
 def _finite_key(metric: str, mode: str) -> Callable[[dict[str, float]], float]:
+    """orbax's `best_fn` for `best_mode=mode`: the metric, with a non-finite (or missing) one
+    the worst value of its mode, so that it is never kept as best."""
     worst = math.inf if mode == "min" else -math.inf
 
     def key(metrics: dict[str, float]) -> float:
         value = float(metrics.get(metric, worst))
-        return value if math.isfinite(value) else worst  # NaN never ranks as best
+        return value if score(value, mode) != -math.inf else worst
 
     return key
 
