@@ -1,107 +1,162 @@
-"""The training loop of `Trainer.fit`: epochs, dispatches of one or K steps, and their events.
+"""`FitRun`: one call of `Trainer.fit`, from its first event to its last.
 
-`FitLoop` is mixed into `Trainer`; it advances the trainer's progress (`step`, `epoch`,
-`position`) and sends the events. Dispatches end on multiples of `steps_per_dispatch` and are
-shortened so that requested steps (`max_steps`, `eval_every_steps`, a callback's `next_step`)
-land exactly. Batches are pulled from the iterator only as they are used.
+A `FitRun` owns what lives only while `fit` runs: the feed of batches, the accumulation of
+the training metrics, the callback dispatch list (the user's callbacks and the defaults), the
+preemption watcher and the data state waiting for the first epoch of a resumed run. It
+advances the trainer's progress (`step`, `epoch`, `position`), which persists, and sends the
+events. Dispatches end on multiples of `steps_per_dispatch` and are shortened so that requested
+steps (`max_steps`, `eval_every_steps`, a callback's `next_step`) land exactly. Batches are
+pulled from the iterator only as they are used.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nnxloop import feed
-from nnxloop.callbacks.base import StepLogs
+from nnxloop.callbacks.base import CallbackList, StepLogs
 from nnxloop.console import announce
-from nnxloop.metrics import LazyLogs
+from nnxloop.metrics import Accumulation, LazyLogs, PendingTotals
+from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import evaluation_progress
 from nnxloop.triggers import next_multiple
 
 FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
 
 
-class FitLoop:
-    """The loop behind `Trainer.fit` (a mixin: the attributes it uses are the trainer's)."""
+class FitRun:
+    """One `fit` call of `trainer`: call `run()` once."""
 
-    def _done(self, epochs: int | None, max_steps: int | None) -> bool:
-        if self.stop_training:
+    def __init__(
+        self,
+        trainer: Any,  # the Trainer, which imports this module (so it is not imported here)
+        train_data: Iterable[Any],
+        *,
+        val_data: Iterable[Any] | None,
+        epochs: int | None,
+        max_steps: int | None,
+        eval_every_steps: int | None,
+        callbacks: CallbackList,
+        show_progress: bool,
+        batches: Callable[[Iterable[Any]], Iterable[Any]],
+    ):
+        self.trainer = trainer
+        self.val_data = val_data
+        self.epochs, self.max_steps, self.eval_every_steps = epochs, max_steps, eval_every_steps
+        self.callbacks = callbacks
+        self.show_progress = show_progress
+        self._batches = batches  # evaluation batches, checked and placed on the mesh
+        self.feed = feed.for_fit(
+            train_data, trainer.mesh, trainer.stage_data, trainer.steps_per_dispatch
+        )
+        self.metrics = Accumulation()
+        self.preemption = PreemptionWatcher()
+        self.iterator: Any = None
+        self.data_state: Any = None  # from a restored checkpoint, for the first epoch opened
+        self.resumed = False
+        self.boundaries = 0
+
+    # -- what the trainer asks of its running fit --------------------------------------------
+
+    def restored(self, data_state: Any) -> None:
+        """A checkpoint was restored: its data-iterator state opens the next epoch."""
+        self.data_state, self.resumed = data_state, True
+
+    def current_data_state(self) -> Any:
+        """The state of the current epoch's iterator, if it has `get_state`, else None."""
+        get_state = getattr(self.iterator, "get_state", None)
+        return get_state() if callable(get_state) else None
+
+    def done(self) -> bool:
+        t = self.trainer
+        if t.stop_training:
             return True
-        if epochs is not None:
-            return self.epoch >= epochs
-        return self.step >= max_steps
+        if self.epochs is not None:
+            return t.epoch >= self.epochs
+        assert self.max_steps is not None
+        return t.step >= self.max_steps
 
-    def _train_loop(self, val_data, epochs, max_steps, eval_every_steps) -> None:
-        while not self._done(epochs, max_steps):
-            epoch = self.epoch
-            self._dispatch.call("on_epoch_begin", self, epoch)
-            self._metrics.retire()
-            epoch_start = self._metrics.pending()
-            finished = self._train_epoch(val_data, max_steps, eval_every_steps)
-            if not finished:
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The events of one `fit`, from `on_train_begin` to `on_train_end`."""
+        t = self.trainer
+        with self.preemption.installed():
+            self.callbacks.call("on_train_begin", t)
+            if self.done():
+                why = " (stopped by a callback)" if t.stop_training else ""
+                announce("Training already finished at step %d%s; nothing to do.", t.step, why)
+            self._train_loop()
+            t.history.stopped_early = t.stop_training and not t.preempted
+            self.callbacks.call("on_train_end", t)
+
+    def _train_loop(self) -> None:
+        t = self.trainer
+        while not self.done():
+            epoch = t.epoch
+            self.callbacks.call("on_epoch_begin", t, epoch)
+            self.metrics.retire()
+            epoch_start = self.metrics.pending()
+            if not self._train_epoch():
                 break
-            self.epoch += 1
-            self.position = 0
-            self._metrics.retire()
-            averages = functools.partial(self._metrics.pending().average_since, epoch_start)
-            val = {}
-            if val_data is not None and eval_every_steps is None:
-                val = self._evaluate_in_fit(val_data)
+            t.epoch += 1
+            t.position = 0
+            self.metrics.retire()
+            averages = functools.partial(self.metrics.pending().average_since, epoch_start)
+            val: dict[str, float] = {}
+            if self.val_data is not None and self.eval_every_steps is None:
+                val = self._evaluate()
             # Two lazy views of the same averages (read from the device once): what callbacks
             # do to `logs` stays out of the History.
             logs = LazyLogs(averages)
             logs.update(val)
-            self.history.epochs.append(
-                LazyLogs(functools.partial(_epoch_entry, epoch, averages, val))
-            )
-            self._dispatch.call("on_epoch_end", self, epoch, logs)
+            t.history.epochs.append(LazyLogs(functools.partial(_epoch_entry, epoch, averages, val)))
+            self.callbacks.call("on_epoch_end", t, epoch, logs)
 
     def _open_epoch(self) -> None:
-        state, self._pending_data_state = self._pending_data_state, None
-        self._resumed, resumed = False, self._resumed
-        if self._feed.changed():  # the list was reordered or its batches replaced: stage anew
-            self._feed = feed.for_fit(
-                self._feed.data, self.mesh, self.stage_data, self.steps_per_dispatch
-            )
-        self._feed.open(self.position, state, resumed, self.epoch)
-        self._iterator = self._feed.iterator
+        t = self.trainer
+        state, self.data_state = self.data_state, None
+        self.resumed, resumed = False, self.resumed
+        if self.feed.changed():  # the list was reordered or its batches replaced: stage anew
+            self.feed = feed.for_fit(self.feed.data, t.mesh, t.stage_data, t.steps_per_dispatch)
+        self.feed.open(t.position, state, resumed, t.epoch)
+        self.iterator = self.feed.iterator
 
-    def _chunk_end(self, max_steps, eval_every_steps) -> int:
-        step, k = self.step, self.steps_per_dispatch
+    def _chunk_end(self) -> int:
+        t = self.trainer
+        step, k = t.step, t.steps_per_dispatch
         end = next_multiple(step, k)  # chunks align to multiples of K, whatever the start
-        if max_steps is not None:
-            end = min(end, max_steps)
-        if eval_every_steps is not None:
-            end = min(end, next_multiple(step, eval_every_steps))
-        asked = self._dispatch.next_step(self, step)
+        if self.max_steps is not None:
+            end = min(end, self.max_steps)
+        if self.eval_every_steps is not None:
+            end = min(end, next_multiple(step, self.eval_every_steps))
+        asked = self.callbacks.next_step(t, step)
         if asked is not None:
             end = min(end, asked)
         return end
 
-    def _train_epoch(self, val_data, max_steps, eval_every_steps) -> bool:
+    def _train_epoch(self) -> bool:
         """Trains until the data runs out (returns True) or training must stop (False)."""
+        t = self.trainer
         self._open_epoch()
-        k = self.steps_per_dispatch
-        saw_batch = self.position > 0
-
-        def evaluate(step):
-            if eval_every_steps is not None and step % eval_every_steps == 0:
-                self._evaluate_in_fit(val_data)
-
+        k = t.steps_per_dispatch
+        saw_batch = t.position > 0
+        engine = t.engine
         while True:
-            if self.preempted:
+            if t.preempted:
                 return False  # stop now: a resumed run ends this epoch
-            if self.position > 0 and self._feed.length is not None:
-                if self.position >= self._feed.length:
+            if t.position > 0 and self.feed.length is not None:
+                if t.position >= self.feed.length:
                     return True  # the data has a length: the epoch is over, whatever stops
-            if self.stop_training or (max_steps is not None and self.step >= max_steps):
+            if t.stop_training or (self.max_steps is not None and t.step >= self.max_steps):
                 return False
-            wanted = self._chunk_end(max_steps, eval_every_steps) - self.step
+            wanted = self._chunk_end() - t.step
             # One K-step dispatch, or single steps: for a shortened chunk, and for the last
             # few batches of an epoch (fewer than K), which are already taken and so run to
             # their end.
-            dispatches = self._feed.take(k if wanted == k else 1, k)
+            dispatches = self.feed.take(k if wanted == k else 1, k)
             if not dispatches:
                 if not saw_batch:
                     raise ValueError(
@@ -111,53 +166,59 @@ class FitLoop:
                 return True
             saw_batch = True
             for dispatch in dispatches:
-                self._metrics.start(self._engine.zero_accumulator(dispatch.sample))
-                acc, metrics = dispatch.run(self._engine, self._metrics.acc)
-                self._metrics.advance(acc)
-                self.last_metrics = metrics
-                self._after_steps(
-                    metrics, dispatch.sizes, stacked=dispatch.stacked, evaluate=evaluate
-                )
+                self.metrics.start(engine.zero_accumulator(dispatch.sample))
+                acc, metrics = dispatch.run(engine, self.metrics.acc)
+                self.metrics.advance(acc)
+                t.last_metrics = metrics
+                self._after_steps(metrics, dispatch.sizes, stacked=dispatch.stacked)
             self._end_dispatch(sum(len(d.sizes) for d in dispatches))
 
     def _end_dispatch(self, steps: int) -> None:
-        if self.step // FOLD_EVERY != (self.step - steps) // FOLD_EVERY:
-            self._metrics.retire()
-        self._boundaries += 1
-        if self._preemption.should_stop(self._boundaries):
-            self.preempted = self.history.preempted = True
-            self.stop_training = True
-            announce("Preemption requested (SIGTERM): stopping cleanly at step %d.", self.step)
+        t = self.trainer
+        if t.step // FOLD_EVERY != (t.step - steps) // FOLD_EVERY:
+            self.metrics.retire()
+        self.boundaries += 1
+        if self.preemption.should_stop(self.boundaries):
+            t.preempted = t.history.preempted = True
+            t.stop_training = True
+            announce("Preemption requested (SIGTERM): stopping cleanly at step %d.", t.step)
 
-    def _after_steps(self, metrics, sizes, *, stacked: bool, evaluate) -> None:
+    def _after_steps(self, metrics: Any, sizes: list[int], *, stacked: bool) -> None:
         """Advances the counters over a dispatch's steps and sends `on_step_end` for each.
 
         A step's evaluation runs before that step's `on_step_end`, so that a checkpoint saved
         there already holds what the evaluation changed (best score, patience), and a run
         resumed from it does not evaluate that step again.
         """
+        t = self.trainer
         n = len(sizes)
-        self.examples_seen += sum(sizes)
-        step_end = self._dispatch.step_end
+        t.examples_seen += sum(sizes)
+        step_end = self.callbacks.step_end
+        every = self.eval_every_steps
         for i in range(n):
-            self.step += 1
-            self.position += 1
-            self.state_is_current = i == n - 1
-            if self.state_is_current:
-                evaluate(self.step)
+            t.step += 1
+            t.position += 1
+            t.state_is_current = i == n - 1
+            if t.state_is_current and every is not None and t.step % every == 0:
+                self._evaluate()
             if step_end:
                 logs = StepLogs(metrics, i) if stacked else metrics
                 for cb in step_end:
-                    cb.on_step_end(self, self.step, logs)
-        self.state_is_current = True
+                    cb.on_step_end(t, t.step, logs)
+        t.state_is_current = True
 
-    def _evaluate_in_fit(self, val_data) -> dict[str, float]:
-        batches = self._batches(evaluation_progress(val_data, self._show_progress))
-        metrics = {f"val_{k}": v for k, v in self._engine.evaluate(batches).items()}
-        self.history.evals.append({"step": self.step, **metrics})
-        self._dispatch.call("on_eval_end", self, self.step, metrics)
+    def _evaluate(self) -> dict[str, float]:
+        t = self.trainer
+        assert self.val_data is not None
+        batches = self._batches(evaluation_progress(self.val_data, self.show_progress))
+        metrics = {f"val_{k}": v for k, v in t.engine.evaluate(batches).items()}
+        t.history.evals.append({"step": t.step, **metrics})
+        self.callbacks.call("on_eval_end", t, t.step, metrics)
         return metrics
 
+    def metric_totals(self) -> PendingTotals:
+        return self.metrics.pending()
 
-def _epoch_entry(epoch: int, averages, val: Mapping[str, float]) -> dict[str, Any]:
+
+def _epoch_entry(epoch: int, averages: Any, val: Mapping[str, float]) -> dict[str, Any]:
     return {"epoch": epoch, **averages(), **val}

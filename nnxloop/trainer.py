@@ -13,17 +13,14 @@ import optax
 from flax import nnx
 
 from nnxloop import data as data_lib
-from nnxloop import feed
 from nnxloop.callbacks import default_callbacks
 from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
-from nnxloop.console import announce
 from nnxloop.engine import StepEngine, partition_specs
 from nnxloop.history import History
-from nnxloop.loop import FitLoop
+from nnxloop.loop import FitRun
 from nnxloop.metrics import Accumulation, PendingTotals
-from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import wanted
 from nnxloop.training_checkpoint import SaveCoordinator, restore_training
 
@@ -54,7 +51,7 @@ def _reseed(model: nnx.Module, seed: int) -> None:
         nnx.reseed(model, policy="match_shape", **keys)
 
 
-class Trainer(FitLoop):
+class Trainer:
     """Trains a Flax NNX model with compiled steps and sends events to callbacks.
 
     Args:
@@ -152,17 +149,10 @@ class Trainer(FitLoop):
         self.state_is_current = True
         self.examples_seen = 0
         self.history = History()
-        self._running = False
-        self._metrics = Accumulation()
-        self._iterator = None
-        self._feed: Any = None
-        self._pending_data_state = None
-        self._resumed = False
-        self._preemption = PreemptionWatcher()
+        self._run: FitRun | None = None  # the fit call running, if any
+        self._restored_data_state: tuple[Any] | None = None  # restored outside a fit
         self.save_coordinator = SaveCoordinator()
         self.last_metrics: dict[str, jax.Array] = {}
-        self._dispatch = self.callbacks
-        self._show_progress = False
         self.fit_epochs: int | None = None
         self.fit_max_steps: int | None = None
         self.fit_evaluates = False
@@ -234,14 +224,14 @@ class Trainer(FitLoop):
     @property
     def model(self) -> nnx.Module:
         """The model, holding the current values (synced from the device state when read)."""
-        if self._running:
+        if self._run is not None:
             self._engine.sync_to_objects()
         return self._model
 
     @property
     def optimizer(self) -> nnx.Optimizer:
         """The `nnx.Optimizer`, holding the current values (synced when read)."""
-        if self._running:
+        if self._run is not None:
             self._engine.sync_to_objects()
         return self._optimizer
 
@@ -300,7 +290,7 @@ class Trainer(FitLoop):
         old = leaves[index]
         leaves[index] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
         self._engine.set_leaves(leaves)
-        if not self._running:
+        if self._run is None:
             self._engine.sync_to_objects()
 
     # -- checkpoints (the callbacks' way to the save machinery) ---------------------------
@@ -348,8 +338,7 @@ class Trainer(FitLoop):
 
     def data_state(self) -> Any:
         """The state of the current epoch's data iterator, if it has `get_state`, else None."""
-        get_state = getattr(self._iterator, "get_state", None)
-        return get_state() if callable(get_state) else None
+        return self._run.current_data_state() if self._run is not None else None
 
     def restore_progress(
         self,
@@ -363,8 +352,10 @@ class Trainer(FitLoop):
         """Sets where training stands (used when resuming from a checkpoint). `stopped`: the
         run was ended by a callback (`stop_training`), so this `fit` trains no further."""
         self.step, self.epoch, self.position = int(step), int(epoch), int(position)
-        self._pending_data_state = data_state
-        self._resumed = True
+        if self._run is not None:
+            self._run.restored(data_state)
+        else:
+            self._restored_data_state = (data_state,)
         self.stop_training = bool(stopped)
 
     def metric_totals(self) -> PendingTotals:
@@ -375,7 +366,9 @@ class Trainer(FitLoop):
         window. Taking one only starts a copy to the host (no collective, no change to
         training), so any subset of processes may take them.
         """
-        return self._metrics.pending()
+        if self._run is None:
+            return Accumulation().pending()  # no fit running: nothing accumulated
+        return self._run.metric_totals()
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -422,7 +415,6 @@ class Trainer(FitLoop):
                 "again each epoch: pass a list, a grain dataset or loader, or use max_steps."
             )
 
-        self._feed = feed.for_fit(train_data, self.mesh, self.stage_data, self.steps_per_dispatch)
         self.history = History()
         self.stop_training = False
         self.preempted = False
@@ -435,31 +427,31 @@ class Trainer(FitLoop):
             # state its run saved.
             for cb in self.callbacks:
                 cb.reset_state()
-        self._show_progress = wanted(self.progress)
-        extra = default_callbacks(
-            progress=self._show_progress, log_every_steps=self.log_every_steps
+        show_progress = wanted(self.progress)
+        extra = default_callbacks(progress=show_progress, log_every_steps=self.log_every_steps)
+        run = FitRun(
+            self,
+            train_data,
+            val_data=val_data,
+            epochs=epochs,
+            max_steps=max_steps,
+            eval_every_steps=eval_every_steps,
+            callbacks=CallbackList([*self.callbacks, *extra]),
+            show_progress=show_progress,
+            batches=self._batches,
         )
-        self._dispatch = CallbackList([*self.callbacks, *extra])
+        if self._restored_data_state is not None:
+            run.restored(self._restored_data_state[0])
+            self._restored_data_state = None
         self._engine.load_from_objects()
-        self._boundaries = 0
-        self._running = True
-        self._metrics = Accumulation()
+        self._run = run
         first_epoch = len(self.history.epochs)
         try:
-            with self._preemption.installed():
-                self._dispatch.call("on_train_begin", self)
-                if self._done(epochs, max_steps):
-                    why = " (stopped by a callback)" if self.stop_training else ""
-                    announce(
-                        "Training already finished at step %d%s; nothing to do.", self.step, why
-                    )
-                self._train_loop(val_data, epochs, max_steps, eval_every_steps)
-                self.history.stopped_early = self.stop_training and not self.preempted
-                self._dispatch.call("on_train_end", self)
-                self._settle_history(first_epoch)
+            run.run()
+            self._settle_history(first_epoch)
         except BaseException as exc:
             try:
-                self._dispatch.call("on_exception", self, exc)
+                run.callbacks.call("on_exception", self, exc)
             finally:
                 self._finish_saves(failing=True)
                 self._settle_history(first_epoch)
@@ -468,8 +460,7 @@ class Trainer(FitLoop):
             self._finish_saves(failing=False)
         finally:
             self._engine.sync_to_objects()
-            self._running = False
-            self._iterator = self._feed = None
+            self._run = None
         return self.history
 
     def _settle_history(self, first_epoch: int) -> None:
@@ -525,13 +516,13 @@ class Trainer(FitLoop):
         """
         if not self._can_evaluate():
             raise TypeError(self._no_eval_message())
-        if not self._running:
+        if self._run is None:
             self._engine.load_from_objects()
         return self._engine.evaluate(self._batches(data))
 
     def predict(self, data: Iterable[Any]) -> Any:
         """Runs `predict_step` on every batch of `data`; outputs concatenated on axis 0 (NumPy)."""
-        if not self._running:
+        if self._run is None:
             self._engine.load_from_objects()
         outputs = [self._engine.predict(batch) for batch in self._batches(data)]
         if not outputs:
