@@ -151,7 +151,7 @@ class Trainer:
         self.history = History()
         self._run: FitRun | None = None  # the fit call running, if any
         self._restored_data_state: tuple[Any] | None = None  # restored outside a fit
-        self.save_coordinator = SaveCoordinator()
+        self._saves: SaveCoordinator | None = None  # made by the first save: none without one
         self.last_metrics: dict[str, jax.Array] = {}
         self.fit_epochs: int | None = None
         self.fit_max_steps: int | None = None
@@ -313,13 +313,15 @@ class Trainer:
     def wait_for_saves(self, store: CheckpointStore | None = None) -> None:
         """Waits for the background saves to `store` (all stores when None) to finish."""
         if store is None:
-            self.save_coordinator.wait_all()
+            if self._saves is not None:
+                self._saves.wait_all()
         else:
             self.save_coordinator.finish(store)
 
     def check_saves(self) -> None:
         """Raises the error of any background save that has finished with one."""
-        self.save_coordinator.poll()
+        if self._saves is not None:
+            self._saves.poll()
 
     def save_in_background(self, max_in_flight: int) -> None:
         """Makes this `fit`'s saves asynchronous, at most `max_in_flight` at once."""
@@ -335,6 +337,13 @@ class Trainer:
         model_state, _ = store.restore(step, abstract[0])
         n_model = len(jax.tree.leaves(abstract[0]))
         self._engine.set_leaves(jax.tree.leaves(model_state) + self._engine.leaves[n_model:])
+
+    @property
+    def save_coordinator(self) -> SaveCoordinator:
+        """The save machinery of this trainer, made when a callback first saves."""
+        if self._saves is None:
+            self._saves = SaveCoordinator()
+        return self._saves
 
     def data_state(self) -> Any:
         """The state of the current epoch's data iterator, if it has `get_state`, else None."""
@@ -420,7 +429,8 @@ class Trainer:
         self.preempted = False
         self.fit_epochs, self.fit_max_steps = epochs, max_steps
         self.fit_evaluates = val_data is not None
-        self.save_coordinator.reset()
+        if self._saves is not None:
+            self._saves.reset()
         if self.step == 0:
             # A run from scratch: nothing a callback object kept from an earlier run (with
             # another trainer) carries over. A checkpoint restored below still brings back the
@@ -477,8 +487,10 @@ class Trainer:
 
     def _finish_saves(self, *, failing: bool) -> None:
         """`fit` returns only once every background save has finished."""
+        if self._saves is None:
+            return  # nothing was ever saved
         try:
-            self.save_coordinator.wait_all()
+            self._saves.wait_all()
         except Exception:
             if not failing:
                 raise

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import jax
@@ -136,6 +139,25 @@ def training_meta(trainer: Checkpointed) -> dict[str, Any]:
         "time": time.time(),
         "nnxloop_version": _version(),
     }
+
+
+@contextlib.contextmanager
+def _interrupts_after() -> Iterator[None]:
+    """Holds a SIGINT (Ctrl-C) that arrives inside the block and raises its
+    `KeyboardInterrupt` when the block is done. Only the main thread receives signals, and
+    only there can a handler be set; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        log.warning("Ctrl-C came during a checkpoint save; the save was finished first.")
+        raise KeyboardInterrupt
 
 
 def _first_line(exc: BaseException) -> str:
@@ -281,9 +303,12 @@ class SaveCoordinator:
             meta.update(extra_meta)
         self._used[id(store)] = store
         try:
-            saved = store.save(
-                step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
-            )
+            # Ctrl-C in the middle of a save would abandon it half-written: the interrupt is
+            # held until the save's own part is done, then raised.
+            with _interrupts_after():
+                saved = store.save(
+                    step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
+                )
         except NonFiniteStateError as exc:
             self._refuse(exc, store, on_refused)
             return False

@@ -426,3 +426,25 @@ def test_load_model_skips_a_damaged_latest_step_and_names_a_damaged_asked_one(tm
     with pytest.raises(nl.CheckpointError, match="step 4 .* cannot be read"):
         nl.load_model(tmp_path / "c", make_model, step=4)
     gc.collect()
+
+
+def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tmp_path):
+    import signal
+
+    store_type = type(nl.CheckpointCallback(tmp_path / "unused").store)
+    real = store_type.save
+
+    def interrupted(self, step, *args, **kwargs):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the save
+            time.sleep(0.05)
+        return real(self, step, *args, **kwargs)
+
+    trainer = checkpointing_trainer(tmp_path / "c")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_type, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(make_batches(), max_steps=8)
+    names = os.listdir(tmp_path / "c")
+    assert "4" in names and not [n for n in names if "tmp" in n]
+    assert trainer.step == 4
