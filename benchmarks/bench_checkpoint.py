@@ -56,21 +56,15 @@ class TimedCheckpoint(nl.CheckpointCallback):
         self.on_disk: list[float] = []
         self.waited = 0  # saves that began while the previous one was still being written
         self._watcher: threading.Thread | None = None
-        self._final = False
         self._first = True
 
     def on_train_begin(self, trainer) -> None:
         self._first = True
         super().on_train_begin(trainer)
 
-    def on_train_end(self, trainer) -> None:
-        self._final = True  # the save fit makes when it ends is not a periodic one
-        super().on_train_end(trainer)
-        self._final = False
-
-    def _save(self, trainer) -> None:
-        if self._final:
-            super()._save(trainer)
+    def _save(self, trainer, *, final: bool = False) -> None:
+        if final:  # the save fit makes when it ends is not a periodic one
+            super()._save(trainer, final=True)
             return
         # The steps dispatched before the save are training, not saving: let them finish.
         jax.block_until_ready(trainer.engine.leaves)
