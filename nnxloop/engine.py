@@ -49,7 +49,7 @@ def _wants_step(train_step: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    return len(positional) >= 4
 
 
 def _is_key(leaf: Any) -> bool:
@@ -380,10 +380,12 @@ class StepEngine:
         Returns the new accumulator and the step metrics (stacked when `stacked`), on device.
         """
         fn = self._train_fn(stacked)
-        compiled = fn._cache_size()
+        # How many shapes jit has compiled for (jax's own cache; absent: no warning).
+        cache_size = getattr(fn, "_cache_size", None)
+        compiled = cache_size() if cache_size else None
         with jax.set_mesh(self.mesh):  # user code may name mesh axes (Explicit sharding)
             self.leaves, acc, metrics = fn(self.leaves, acc, batch)
-        if fn._cache_size() != compiled:
+        if cache_size and cache_size() != compiled:
             self._compiled_for(batch, stacked)
         return acc, metrics
 

@@ -18,7 +18,7 @@ from typing import Any
 from nnxloop import feed
 from nnxloop.callbacks.base import CallbackList, StepLogs
 from nnxloop.console import announce
-from nnxloop.metrics import Accumulation, LazyLogs, PendingTotals
+from nnxloop.metrics import Accumulation, LazyLogs
 from nnxloop.preemption import PreemptionWatcher
 from nnxloop.progress import evaluation_progress
 from nnxloop.triggers import next_multiple
@@ -215,9 +215,6 @@ class FitRun:
         t.history.evals.append({"step": t.step, **metrics})
         self.callbacks.call("on_eval_end", t, t.step, metrics)
         return metrics
-
-    def metric_totals(self) -> PendingTotals:
-        return self.metrics.pending()
 
 
 def _epoch_entry(epoch: int, averages: Any, val: Mapping[str, float]) -> dict[str, Any]:

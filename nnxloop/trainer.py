@@ -22,7 +22,8 @@ from nnxloop.history import History
 from nnxloop.loop import FitRun
 from nnxloop.metrics import Accumulation, PendingTotals
 from nnxloop.progress import wanted
-from nnxloop.training_checkpoint import SaveCoordinator, restore_training
+from nnxloop.saving import SaveCoordinator
+from nnxloop.training_checkpoint import restore_training
 
 log = logging.getLogger("nnxloop")
 
@@ -377,7 +378,7 @@ class Trainer:
         """
         if self._run is None:
             return Accumulation().pending()  # no fit running: nothing accumulated
-        return self._run.metric_totals()
+        return self._run.metrics.pending()
 
     # -- fit ------------------------------------------------------------------------------
 

@@ -46,6 +46,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
 
 
+def save_final_state(trainer, path) -> None:
+    """Every array of the trainer's model and optimizer state, in order, to an `.npz` file
+    (PRNG keys as their key data), for bitwise comparisons across processes."""
+    state = nnx.state((trainer.model, trainer.optimizer))
+    leaves = [
+        np.asarray(
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        )
+        for x in jax.tree.leaves(state)
+    ]
+    np.savez(path, *leaves)
+
+
 def make_model(seed: int = 0) -> TinyNet:
     return TinyNet(nnx.Rngs(seed))
 

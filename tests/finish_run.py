@@ -10,10 +10,8 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
 import optax
-from conftest import loss_fn, make_batches, make_model
+from conftest import loss_fn, make_batches, make_model, save_final_state
 
 import nnxloop as nl
 
@@ -61,21 +59,9 @@ def main(workdir, how):
     if history.preempted:
         print(f"preempted {trainer.step}", flush=True)
         return
-    leaves = [
-        np.asarray(
-            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        )
-        for x in jax.tree.leaves(nnx_state(trainer))
-    ]
-    np.savez(os.path.join(workdir, "final.npz"), *leaves)
+    save_final_state(trainer, os.path.join(workdir, "final.npz"))
     print(f"updates {announce.updates}", flush=True)
     print(f"final {trainer.step}", flush=True)
-
-
-def nnx_state(trainer):
-    from flax import nnx
-
-    return nnx.state((trainer.model, trainer.optimizer))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ import sys
 import time
 
 import grain
-import jax
-import numpy as np
-from conftest import loss_fn, make_batches, make_model, tx
+from conftest import loss_fn, make_batches, make_model, save_final_state, tx
 
 import nnxloop as nl
 
@@ -53,13 +51,7 @@ def main(workdir, mode):
     if history.preempted:
         print(f"preempted {trainer.step}", flush=True)
         return
-    leaves = [
-        np.asarray(
-            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        )
-        for x in trainer.engine.leaves
-    ]
-    np.savez(os.path.join(workdir, "final.npz"), *leaves)
+    save_final_state(trainer, os.path.join(workdir, "final.npz"))
     print("done", flush=True)
 
 
