@@ -17,6 +17,7 @@ from typing import Any
 
 from nnxloop.checkpointing import (
     COMPLETE,
+    UNREADABLE,
     ArraySummary,
     CheckpointError,
     StepSummary,
@@ -25,6 +26,7 @@ from nnxloop.checkpointing import (
     read_step,
 )
 
+EXIT_DAMAGED = 1
 EXIT_ERROR = 2
 
 
@@ -79,8 +81,11 @@ def _table(header: Sequence[str], rows: list[Sequence[str]], *, right: set[int])
     return "\n".join(line(row) for row in [header, *rows])
 
 
-def format_listing(directory: str, summaries: list[StepSummary]) -> str:
-    """The table `nnxloop inspect DIR` prints: one row per step directory."""
+def format_listing(directory: str, summaries: list[StepSummary], *, verified: bool = False) -> str:
+    """The table `nnxloop inspect DIR` prints: one row per step directory.
+
+    `verified` says in the first line that every array was read (`--verify`).
+    """
     best = best_step(summaries)
     rows = [
         (
@@ -95,7 +100,11 @@ def format_listing(directory: str, summaries: list[StepSummary]) -> str:
     ]
     table = _table(("STEP", "TIME", "SIZE", "METRICS", "BEST", "STATUS"), rows, right={0, 2})
     n_complete = sum(s.status == COMPLETE for s in summaries)
-    return f"{directory}: {n_complete} complete of {len(summaries)} step directories\n{table}"
+    checked = "every array read" if verified else "arrays not read; --verify reads them"
+    return (
+        f"{directory}: {n_complete} complete of {len(summaries)} step directories ({checked})\n"
+        f"{table}"
+    )
 
 
 def _shape_text(shape: tuple[int, ...] | None) -> str:
@@ -133,10 +142,16 @@ def _parser() -> argparse.ArgumentParser:
         help="list the checkpoints in a directory, or show one step's arrays",
         description="Lists the checkpoints in DIR (step, time, size, metrics, best, status); "
         "with --step, shows that step's arrays (path, shape, dtype, sharding) and metadata. "
-        "Reads metadata only: no array is loaded.",
+        "Reads metadata only, unless --verify: then every array of every step is read back.",
     )
     inspect.add_argument("directory", metavar="DIR", help="a checkpoint directory")
     inspect.add_argument("--step", type=int, metavar="N", help="show the arrays of step N")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every array of every step (finds truncated or corrupted array files); "
+        "exit 1 when a committed step does not read",
+    )
     return parser
 
 
@@ -147,20 +162,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; `sys.argv[1:]` when None.
 
     Returns:
-        The exit status: 0, or 2 after printing a one-line error to stderr (no such
+        The exit status: 0; 1 when `--verify` found a committed step whose arrays do not
+        read (named on stderr); or 2 after printing a one-line error to stderr (no such
         directory, not a checkpoint directory, no such step, unreadable step).
 
     Example:
         ```console
         $ nnxloop inspect runs/exp/best
         $ nnxloop inspect runs/exp/ckpt --step 1000
+        $ nnxloop inspect runs/exp/ckpt --verify
         ```
     """
     args = _parser().parse_args(argv)
     try:
         if args.step is None:
-            summaries = list_checkpoints(args.directory)
-            print(format_listing(args.directory, summaries))
+            summaries = list_checkpoints(args.directory, verify=args.verify)
+            print(format_listing(args.directory, summaries, verified=args.verify))
+            damaged = [s.step for s in summaries if s.status == UNREADABLE and s.error]
+            if args.verify and damaged:
+                steps = ", ".join(f"step {n}" for n in damaged)
+                print(
+                    f"nnxloop inspect --verify: {steps} of {args.directory} "
+                    f"{'does' if len(damaged) == 1 else 'do'} not read; "
+                    "a resume sets a damaged newest step aside and uses the one before.",
+                    file=sys.stderr,
+                )
+                return EXIT_DAMAGED
         else:
             arrays, meta = read_step(args.directory, args.step)
             print(format_step(args.directory, args.step, arrays, meta))

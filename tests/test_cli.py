@@ -176,3 +176,45 @@ def test_command_reads_a_checkpoint_of_another_device_count(run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "['l2']['kernel']['value']" in proc.stdout and "(16, 3)" in proc.stdout
     assert '"best": {' in proc.stdout
+
+
+def _damage(directory, step, how):
+    """Leaves `step` as orbax's background delete or a truncating disk can: `how` is
+    "half-deleted" (the model item gone, the rest still there) or "truncated" (every array data
+    file of the model cut short, the metadata intact)."""
+    if how == "half-deleted":
+        shutil.rmtree(directory / str(step) / "model")
+        return
+    for root, _, names in os.walk(directory / str(step) / "model"):
+        if os.path.basename(root) == "d":
+            for name in names:
+                os.truncate(os.path.join(root, name), 10)
+
+
+def test_half_deleted_step_is_listed_as_unreadable(run, capsys, tmp_path):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(run[0] / "ckpt", directory)
+    _damage(directory, 12, "half-deleted")
+    code, out, _ = inspect(capsys, directory)
+    assert code == 0
+    listed = rows(out)
+    assert listed[12][0].endswith("unreadable (the model item is missing)"), listed[12][0]
+    assert [listed[s][0].split()[-1] for s in (4, 8)] == ["complete", "complete"]
+    assert "2 complete of 3" in out.splitlines()[0]
+
+
+def test_verify_reads_every_array_and_names_the_damaged_step(run, capsys, tmp_path):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(run[0] / "ckpt", directory)
+    code, out, _ = inspect(capsys, directory, "--verify")
+    assert code == 0
+    assert "3 complete of 3" in out.splitlines()[0] and "every array read" in out.splitlines()[0]
+    _damage(directory, 8, "truncated")
+    code, out, _ = inspect(capsys, directory)
+    assert code == 0 and "3 complete of 3" in out.splitlines()[0]  # metadata alone looks fine
+    code, out, err = inspect(capsys, directory, "--verify")
+    assert code == 1, "a damaged step found by --verify makes the command fail"
+    listed = rows(out)
+    assert re.search(r"unreadable \(the model arrays do not read: \w+", listed[8][0]), listed[8][0]
+    assert [listed[s][0].split()[-1] for s in (4, 12)] == ["complete", "complete"]
+    assert "step 8" in err and "--verify" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
@@ -136,8 +138,14 @@ def _uncommitted(path: str, committed: list[int]) -> list[tuple[int, str, str]]:
     return found
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[StepSummary]:
-    """Every step directory in `directory`, committed or not, by step; no array is read.
+def list_checkpoints(directory: str | os.PathLike, *, verify: bool = False) -> list[StepSummary]:
+    """Every step directory in `directory`, committed or not, by step.
+
+    A committed step is "complete" when its `meta` item reads and every item its commit record
+    names is there with its metadata (a step half deleted by orbax's background delete is not).
+    No array is read unless `verify` is set: then every array of every committed step is read
+    back into host memory, one item at a time, which also finds truncated or corrupted array
+    files.
 
     Raises:
         CheckpointError: `directory` does not exist, is a file, or holds no step directories.
@@ -153,15 +161,79 @@ def list_checkpoints(directory: str | os.PathLike) -> list[StepSummary]:
             StepSummary(step, name, status, _size_bytes(os.path.join(path, name)))
             for step, name, status in others
         ]
-        summaries += [_summarise_step(manager, path, step) for step in committed]
+        summaries += [_summarise_step(manager, path, step, verify=verify) for step in committed]
     finally:
         manager.close()
     return sorted(summaries, key=lambda s: (s.step, s.status != COMPLETE, s.name))
 
 
-def _summarise_step(manager: ocp.CheckpointManager, path: str, step: int) -> StepSummary:
+def _missing_part(step_dir: str) -> str | None:
+    """Why a committed step's files are not all there, or None.
+
+    orbax's commit record names the step's items; each must exist, and an array item must keep
+    its tree metadata and, when written as OCDBT, its manifest and data files.
+    """
+    try:
+        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+            items = list(json.load(f).get("item_handlers") or {})
+    except (OSError, ValueError, AttributeError):
+        return "its commit record (_CHECKPOINT_METADATA) is missing or damaged"
+    for item in items:
+        item_dir = os.path.join(step_dir, item)
+        if not os.path.isdir(item_dir):
+            return f"the {item} item is missing"
+        if item not in (MODEL, OPTIMIZER):
+            continue
+        try:
+            with open(os.path.join(item_dir, "_METADATA")) as f:
+                ocdbt = bool(json.load(f).get("use_ocdbt"))
+        except (OSError, ValueError, AttributeError):
+            return f"the {item} item's metadata (_METADATA) is missing or damaged"
+        if ocdbt and not os.path.isfile(os.path.join(item_dir, "manifest.ocdbt")):
+            return f"the {item} item's manifest.ocdbt is missing"
+        data = os.path.join(item_dir, "d")
+        if ocdbt and not (os.path.isdir(data) and os.listdir(data)):
+            return f"the {item} item's array data (d/) is missing"
+    return None
+
+
+def _unreadable_arrays(step_dir: str) -> str | None:
+    """Reads back every stored chunk of every array item of the step; why one does not read,
+    or None.
+
+    The reads go through tensorstore's key-value store, one chunk at a time and synchronously:
+    every byte orbax wrote is read (a truncated or missing data file fails), whatever devices the
+    step was written with, and memory holds one chunk at a time.
+    """
+    for item in (MODEL, OPTIMIZER):
+        item_dir = os.path.join(step_dir, item)
+        if not os.path.isdir(item_dir):
+            continue
+        base = {"driver": "file", "path": item_dir + os.sep}
+        spec = {"driver": "ocdbt", "base": base} if _uses_ocdbt(item_dir) else base
+        try:
+            store = ts.KvStore.open(spec).result()
+            for key in store.list().result():
+                store.read(key).result()
+        except Exception as exc:  # tensorstore raises ValueError and others for damaged files
+            return f"the {item} arrays do not read: {_first_line(exc)}"
+    return None
+
+
+def _uses_ocdbt(item_dir: str) -> bool:
+    try:
+        with open(os.path.join(item_dir, "_METADATA")) as f:
+            return bool(json.load(f).get("use_ocdbt"))
+    except (OSError, ValueError, AttributeError):
+        return os.path.isfile(os.path.join(item_dir, "manifest.ocdbt"))
+
+
+def _summarise_step(
+    manager: ocp.CheckpointManager, path: str, step: int, *, verify: bool = False
+) -> StepSummary:
     name = str(step)
-    size = _size_bytes(os.path.join(path, name))
+    step_dir = os.path.join(path, name)
+    size = _size_bytes(step_dir)
     try:
         meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
         meta = dict(meta[META])
@@ -169,6 +241,9 @@ def _summarise_step(manager: ocp.CheckpointManager, path: str, step: int) -> Ste
         meta = None
     except Exception as exc:  # orbax raises many types for damaged files
         return StepSummary(step, name, UNREADABLE, size, error=_first_line(exc))
+    missing = _missing_part(step_dir) or (_unreadable_arrays(step_dir) if verify else None)
+    if missing is not None:
+        return StepSummary(step, name, UNREADABLE, size, meta=meta, error=missing)
     try:
         metrics = manager.metrics(step)
     except Exception:  # metrics are an extra; a damaged file must not hide the step
