@@ -71,6 +71,35 @@ def _laid_out(x: jax.Array, sharding: NamedSharding) -> bool:
 _copies = jax.jit(lambda xs: [jnp.array(x, copy=True) for x in xs])
 
 
+def _buffers(x: Any) -> set[int]:
+    if isinstance(x, jax.Array):
+        return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
+    if isinstance(x, np.ndarray):
+        return {x.__array_interface__["data"][0]}
+    return set()
+
+
+def _unshared(moved: jax.Array, source: Any) -> jax.Array:
+    """`moved` (just placed from `source`) with no buffer shared with `source`.
+
+    `device_put` keeps the source's buffer for the shard on the device the source is on (a
+    replicated layout, even with `may_alias=False`); only such shards are copied, each by a
+    device-to-same-device transfer, so nothing is compiled (a jitted copy would compile once
+    per leaf shape: seconds of start-up for a model with many).
+    """
+    source_buffers = _buffers(source)
+    shards = moved.addressable_shards
+    if not any(s.data.unsafe_buffer_pointer() in source_buffers for s in shards):
+        return moved
+    pieces = [
+        jax.device_put(s.data, s.device, may_alias=False)
+        if s.data.unsafe_buffer_pointer() in source_buffers
+        else s.data
+        for s in shards
+    ]
+    return jax.make_array_from_single_device_arrays(moved.shape, moved.sharding, pieces)
+
+
 def place_all(
     leaves: list[Any], shardings: list[NamedSharding], *, copy: bool = True
 ) -> list[jax.Array]:
@@ -88,8 +117,8 @@ def place_all(
         if isinstance(x, jax.Array) and _laid_out(x, sharding):
             in_place.append(i)
             continue
-        x = jax.device_put(x, sharding)
-        out[i] = jnp.array(x, copy=True) if copy else x
+        moved = jax.device_put(x, sharding)
+        out[i] = _unshared(moved, x) if copy else moved
     if copy and in_place:
         for i, x in zip(in_place, _copies([out[i] for i in in_place])):
             out[i] = x

@@ -18,6 +18,7 @@ from nnxloop.checkpointing import (
     compare_shapes,
     list_checkpoints,
     path_shapes,
+    paths,
 )
 
 log = logging.getLogger("nnxloop")
@@ -97,8 +98,8 @@ def load_model(
         model = nl.load_model("runs/exp/best", lambda: MyModel(rngs=nnx.Rngs(0)), step="best")
         ```
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = paths.checkpoint_directory(directory, what="Checkpoint directory")
+    if not paths.path(directory).is_dir():
         raise CheckpointError(f"Checkpoint directory {directory} does not exist.")
     if isinstance(like, nnx.Module):
         model = like

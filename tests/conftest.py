@@ -1,6 +1,8 @@
 """Shared fixtures. Four fake CPU devices, so every test also exercises batch sharding."""
 
 import os
+import shutil
+import tempfile
 
 # XLA's CPU collectives meet every device's thread at a rendezvous and abort the whole process
 # (LOG(FATAL): "Termination timeout ... Exiting to ensure a consistent program state") when
@@ -13,6 +15,24 @@ COLLECTIVE_FLAGS = (
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
 )
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_FLAGS}".strip()
+
+# Most tests build the same small models, and every Trainer compiles its steps afresh: XLA's
+# compile time was about half of the suite. One persistent compilation cache for the session
+# (this process and the scripts it starts) compiles each distinct program once. A cache entry
+# holds the executable XLA built, so results are those of a fresh compile, bit for bit. The
+# cache is a temporary directory, removed when the session ends (a JAX_COMPILATION_CACHE_DIR
+# of your own is used as it is, and kept).
+_OWN_JAX_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_JAX_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nnxloop-tests-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_JAX_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 import jax  # noqa: E402
 
@@ -108,3 +128,37 @@ def _visible_run_lines():
 
     yield
     logging.getLogger("nnxloop.run").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The final state of `resume_run.py` run once without interruption (local checkpoints):
+    what every killed-and-rerun run must end with, bit for bit."""
+    from kill_and_rerun import final_state, run_to_end
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(workdir, "sync")
+    return final_state(workdir)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """One GCS JSON API server on 127.0.0.1 for the whole session (gcsfs and tensorstore keep
+    the endpoint they first see), with this process pointed at it: `(server, env)`. Stopped by
+    its PID at the end."""
+    from gcs_server import Server, environment
+
+    server = Server(str(tmp_path_factory.mktemp("gcs") / "objects"))
+    server.__enter__()
+    env = environment(server.url)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield server, env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

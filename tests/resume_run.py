@@ -1,8 +1,10 @@
-"""A training script for the kill-and-rerun tests: `python resume_run.py WORKDIR MODE`.
+"""The kill-and-rerun tests' script: `python resume_run.py WORKDIR MODE [ROOT [EVERY]]`.
 
 MODE is `sync` (a list of batches, resumed by skipping) or `async` (AsyncSaveCallback and a
-grain dataset, resumed through its iterator state). Prints `step N` after every step; at the end
-writes every leaf of the training state to WORKDIR/final.npz.
+grain dataset, resumed through its iterator state). Checkpoints go to ROOT/ckpt and ROOT/best
+(ROOT is WORKDIR unless given, e.g. a `gs://` URL), every EVERY steps (3 unless given).
+Prints `step N` after every step; at the end writes every leaf of the training state to
+WORKDIR/final.npz.
 """
 
 import os
@@ -28,7 +30,9 @@ class Announce(nl.Callback):
         print(f"step {step}", flush=True)
 
 
-def main(workdir, mode):
+def main(workdir, mode, root=None, every="3"):
+    root = root or workdir
+    join = (lambda name: f"{root}/{name}") if "://" in root else (lambda n: os.path.join(root, n))
     batches = make_batches(n_batches=10)
     if mode == "async":
         data = grain.MapDataset.source(batches).map(lambda b: b)
@@ -37,8 +41,8 @@ def main(workdir, mode):
     announce = Announce()
     callbacks = [
         announce,
-        nl.CheckpointCallback(os.path.join(workdir, "ckpt"), every_steps=3, max_to_keep=2),
-        nl.BestModelCallback(os.path.join(workdir, "best"), max_to_keep=2),
+        nl.CheckpointCallback(join("ckpt"), every_steps=int(every), max_to_keep=2),
+        nl.BestModelCallback(join("best"), max_to_keep=2),
     ]
     if mode == "async":
         callbacks.append(nl.AsyncSaveCallback())
@@ -56,4 +60,4 @@ def main(workdir, mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

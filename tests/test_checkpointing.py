@@ -30,12 +30,14 @@ def steps_in(directory):
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+@pytest.mark.slow
 def test_periodic_saves_retention_and_final_save(tmp_path):
     ckpt = nl.CheckpointCallback(tmp_path, every_steps=5, max_to_keep=2, keep_every_steps=10)
     fit([ckpt], max_steps=23, steps_per_dispatch=4)
     assert steps_in(tmp_path) == [10, 20, 23]
 
 
+@pytest.mark.slow
 def test_default_trigger_is_each_epoch(tmp_path):
     trainer = nl.Trainer(
         make_model(),
@@ -110,6 +112,7 @@ nnx.update(model, restored.model)
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_loaded_model_evaluates_and_trains_on_a_one_device_trainer(tmp_path):
     # load_model places the arrays on a one-device mesh of its own (Explicit axes); a Trainer
     # on a one-device Auto mesh of the same device must still lay them out on its mesh.
@@ -335,6 +338,7 @@ def test_async_saves_all_finish_before_fit_returns(tmp_path):
     nl.load_model(tmp_path, make_model, step=8)
 
 
+@pytest.mark.slow
 def test_every_secs_saves_at_dispatch_boundaries_without_regrouping(tmp_path):
     ckpt = nl.CheckpointCallback(tmp_path, every_secs=1e-9, max_to_keep=None)
     fit([ckpt], max_steps=12, val=False, steps_per_dispatch=4)
@@ -362,6 +366,7 @@ def test_resume_false_refuses_a_directory_with_checkpoints(tmp_path):
     assert steps_in(tmp_path / "fresh") == [2, 4]
 
 
+@pytest.mark.slow
 def test_grain_loader_state_resumes_in_place(tmp_path, caplog):
     import grain
 

@@ -91,6 +91,7 @@ class Reiterable:
         return iter(self.batches)
 
 
+@pytest.mark.slow
 def test_staged_and_iterated_data_train_alike(monkeypatch):
     # 7 batches of 16 and a last one of 8: with K=4 the second dispatch of each epoch holds
     # the small batch, so it runs as single steps on either path.
@@ -132,6 +133,7 @@ def test_staged_and_iterated_data_train_alike(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_list_shuffled_between_epochs_is_staged_anew():
     class Shuffle(nl.Callback):
         def __init__(self, data):
@@ -157,6 +159,7 @@ def test_a_list_shuffled_between_epochs_is_staged_anew():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_staged_steps_prepare_no_batch_on_the_host(monkeypatch):
     prepared = []
     prepare = nl.data.prepare

@@ -39,6 +39,7 @@ def data_parallel_result():
     return params(trainer.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_model_parallel_matches_data_parallel(axis_type, data_parallel_result):
     mesh = mesh_2x2(axis_type)

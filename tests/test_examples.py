@@ -55,6 +55,7 @@ def test_data_parallel_runs_on_8_fake_devices(tmp_path):
     assert (tmp_path / "ckpt").is_dir()
 
 
+@pytest.mark.slow
 def test_custom_train_step_keeps_an_ema(tmp_path):
     import jax
     from flax import nnx
@@ -74,6 +75,7 @@ def test_custom_train_step_keeps_an_ema(tmp_path):
     assert not all((e[...] == p).all() for e, p in zip(model.ema, params))
 
 
+@pytest.mark.slow
 def test_char_lm_trains_with_async_checkpoints_and_logs(tmp_path):
     example = load("char_lm")
     metrics = example.main(

@@ -245,6 +245,7 @@ def test_another_host_s_lock_counts_until_it_goes_stale(tmp_path):
     assert trainer.step == 2
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_directory_the_second_fails(tmp_path):
     script = (
         "import sys, time; sys.path.insert(0, sys.argv[2])\n"
@@ -387,6 +388,7 @@ def test_a_non_json_iterator_state_is_reported_once(tmp_path, caplog):
     assert caplog.text.count("not JSON-serialisable") == 1
 
 
+@pytest.mark.slow
 def test_a_third_batch_shape_warns_once_naming_the_shapes(caplog):
     sizes = [16, 16, 8, 12, 4, 16, 20]  # five shapes: compiles for each
     data = [b for n in sizes for b in make_batches(1, batch=n, seed=n)]

@@ -32,6 +32,7 @@ class Losses(nl.Callback):
         self.losses[step] = float(logs["loss"])
 
 
+@pytest.mark.slow
 def test_tensorboard_and_jsonl_have_the_expected_scalars(tmp_path):
     losses = Losses()
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=optax.linear_schedule(0.01, 0.0, 12))
@@ -76,6 +77,7 @@ def test_learning_rate_from_a_schedule_argument(tmp_path):
     assert lrs[5] == pytest.approx(float(schedule(4)))  # the rate the 5th update used
 
 
+@pytest.mark.slow
 def test_resumed_run_does_not_duplicate_jsonl_lines(tmp_path):
     ckpt_dir, logdir = tmp_path / "ckpt", tmp_path / "logs"
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 from conftest import leaves_of, loss_fn, make_batches, make_model
 from conftest import sgd as tx
 from flax import nnx
@@ -10,6 +11,7 @@ from flax import nnx
 import nnxloop as nl
 
 
+@pytest.mark.slow
 def test_matches_hand_written_nnx_loop_after_50_steps():
     data = make_batches(n_batches=25)
     model = make_model()
@@ -66,6 +68,7 @@ def run(k, callbacks=()):
     return trainer, rec
 
 
+@pytest.mark.slow
 def test_steps_per_dispatch_8_matches_1():
     t1, r1 = run(1)
     t8, r8 = run(8)

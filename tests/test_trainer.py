@@ -225,6 +225,7 @@ def test_seed_makes_dropout_reproducible(batches):
     assert any(not np.array_equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.slow
 def test_optax_chain_schedule_and_multisteps(batches):
     schedule = optax.linear_schedule(1e-2, 0.0, 20)
     for opt in (

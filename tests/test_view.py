@@ -59,6 +59,7 @@ class Seen(nl.Callback):
         self.draws[step] = float(logs["draw"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2])
 def test_a_train_step_may_take_its_update_number_and_key(k, tmp_path):
     seen = Seen()

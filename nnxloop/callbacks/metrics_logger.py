@@ -15,7 +15,7 @@ from flax import nnx
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.callbacks.view import TrainerView
-from nnxloop.checkpointing import check_directory
+from nnxloop.checkpointing import check_directory, paths
 from nnxloop.checks import positive_int
 from nnxloop.triggers import next_multiple
 from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
@@ -36,7 +36,9 @@ class MetricsLogger(Callback):
     duplicating the lines its killed predecessor wrote after the checkpoint it resumed from.
 
     Args:
-        logdir: the directory for the event files and `metrics.jsonl`.
+        logdir: the local directory for the event files and `metrics.jsonl` (a `gs://` or
+            other URL raises `ValueError`: the files are appended to and fsynced, which
+            object stores do not support; log locally and copy the directory to a bucket).
         every_steps: how often to write training metrics.
         learning_rate: a schedule (`count -> lr`, as given to optax) or a float to log as
             `learning_rate` (the rate the last update used). Not
@@ -60,6 +62,13 @@ class MetricsLogger(Callback):
     ):
         positive_int("every_steps", every_steps)
         self._given_logdir = os.fspath(logdir)
+        if paths.is_remote(self._given_logdir):
+            raise ValueError(
+                f"MetricsLogger cannot write to {self._given_logdir}: its files are appended "
+                "to and fsynced at every checkpoint, which object stores (gs://, s3://) do not "
+                "support. Pass a local directory (and copy it to the bucket, e.g. with "
+                "`gcloud storage rsync`), or point TensorBoard at the local directory."
+            )
         self.logdir = os.path.abspath(self._given_logdir)
         self.every_steps = every_steps
         self.learning_rate = learning_rate

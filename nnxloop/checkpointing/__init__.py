@@ -10,10 +10,11 @@ A checkpoint is a plain orbax `CheckpointManager` step directory with three item
 
 Retention, atomic commits and background writing are orbax's; this package only decides which
 orbax options a directory gets and turns orbax's failures into errors that say what to do.
-`store` writes and restores; `reading` lists and describes without restoring arrays.
+`store` writes and restores; `reading` lists and describes without restoring arrays; `paths`
+keeps a `gs://` URL a URL (never a local folder named `gs:`).
 """
 
-from nnxloop.checkpointing import lock
+from nnxloop.checkpointing import lock, paths
 from nnxloop.checkpointing.errors import CheckpointError, NonFiniteStateError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
 from nnxloop.checkpointing.reading import (
@@ -52,6 +53,7 @@ __all__ = [
     "fingerprint",
     "list_checkpoints",
     "lock",
+    "paths",
     "path_shapes",
     "read_step",
 ]

@@ -10,6 +10,10 @@ and start time. A holder that is gone does not keep it:
   `REFRESH_EVERY` seconds from a background thread.
 
 Several processes of one run share the lock: process 0 holds it for all.
+
+In a bucket (`gs://`), where a file cannot be created exclusively, the lock is written, then
+read back: the run whose holding is read back owns it. The holder refreshes a `refreshed` time
+in the file, and a holder on another machine is gone once that is `STALE_AFTER` seconds old.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import jax
 
+from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 
 log = logging.getLogger("nnxloop")
@@ -38,8 +43,9 @@ _held_guard = threading.Lock()
 
 
 class _Holding:
-    def __init__(self, path: str):
+    def __init__(self, path: str, me: dict[str, Any]):
         self.path = path
+        self.me = me
         self.count = 1
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._refresh, name="nnxloop-lock", daemon=True)
@@ -48,7 +54,28 @@ class _Holding:
     def _refresh(self) -> None:
         while not self.stop.wait(REFRESH_EVERY):
             with contextlib.suppress(OSError):  # a vanished directory fails the next save
-                os.utime(self.path)
+                if paths.is_remote(self.path):
+                    _write_remote(self.path, self.me)
+                else:
+                    os.utime(self.path)
+
+
+def _write_remote(path: str, me: dict[str, Any]) -> None:
+    paths.path(path).write_text(json.dumps({**me, "refreshed": time.time()}))
+
+
+def _read_remote(path: str) -> tuple[dict[str, Any], float] | None:
+    target = paths.path(path)
+    try:
+        holder = json.loads(target.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}, 0.0
+    refreshed = holder.get("refreshed") if isinstance(holder, dict) else None
+    if not isinstance(holder, dict) or not isinstance(refreshed, int | float):
+        return {}, 0.0
+    return holder, float(refreshed)
 
 
 def _alive_here(pid: int) -> bool:
@@ -62,6 +89,8 @@ def _alive_here(pid: int) -> bool:
 
 
 def _read(path: str) -> tuple[dict[str, Any], float] | None:
+    if paths.is_remote(path):
+        return _read_remote(path)
     try:
         with open(path) as f:
             holder = json.load(f)
@@ -87,8 +116,12 @@ def acquire(directory: str) -> None:
     """
     if jax.process_index() != 0:
         return
-    directory = os.path.abspath(directory)
-    path = os.path.join(directory, LOCK_FILE)
+    directory = paths.checkpoint_directory(directory, what="Checkpoint directory")
+    path = (
+        f"{directory}/{LOCK_FILE}"
+        if paths.is_remote(directory)
+        else os.path.join(directory, LOCK_FILE)
+    )
     with _held_guard:
         holding = _held.get(directory)
         if holding is not None:
@@ -96,42 +129,64 @@ def acquire(directory: str) -> None:
             return
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                found = _read(path)
-                if found is None:
-                    continue  # released meanwhile
-                holder, mtime = found
-                if _is_live(holder, mtime):
-                    raise CheckpointError(
-                        f"{directory} is being written by another run (host "
-                        f"{holder.get('host')}, PID {holder.get('pid')}, since "
-                        f"{time.ctime(holder.get('started', mtime))}). Two runs in one "
-                        "directory would mix their checkpoints: wait for it to end, stop it, or "
-                        f"use another directory. (If that run is gone, delete {path}.)"
-                    ) from None
-                log.warning(
-                    "Taking over the lock of %s from a run that is gone (host %s, PID %s).",
-                    directory,
-                    holder.get("host"),
-                    holder.get("pid"),
+            if _try_create(path, me):
+                _held[directory] = _Holding(path, me)
+                return
+            found = _read(path)
+            if found is None:
+                continue  # released meanwhile
+            holder, mtime = found
+            if holder == {**me, "refreshed": holder.get("refreshed")}:
+                _held[directory] = _Holding(path, me)  # ours, read back from a bucket
+                return
+            if _is_live(holder, mtime):
+                raise CheckpointError(
+                    f"{directory} is being written by another run (host "
+                    f"{holder.get('host')}, PID {holder.get('pid')}, since "
+                    f"{time.ctime(holder.get('started', mtime))}). Two runs in one "
+                    "directory would mix their checkpoints: wait for it to end, stop it, or "
+                    f"use another directory. (If that run is gone, delete {path}.)"
                 )
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            _held[directory] = _Holding(path)
-            return
+            log.warning(
+                "Taking over the lock of %s from a run that is gone (host %s, PID %s).",
+                directory,
+                holder.get("host"),
+                holder.get("pid"),
+            )
+            _remove(path)
         raise CheckpointError(f"Could not take the lock {path}; another run keeps taking it.")
+
+
+def _try_create(path: str, me: dict[str, Any]) -> bool:
+    """Creates the lock file holding `me`; False when one exists. In a bucket, a lock is
+    written only where none is, and whose it is shows when it is read back."""
+    if paths.is_remote(path):
+        if paths.path(path).exists():
+            return False
+        _write_remote(path, me)
+        return False  # read back by the caller
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    return True
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if paths.is_remote(path):
+            paths.path(path).unlink()
+        else:
+            os.remove(path)
 
 
 def release(directory: str) -> None:
     """Gives up this process's lock of `directory` (once for each `acquire`)."""
     if jax.process_index() != 0:
         return
-    directory = os.path.abspath(directory)
+    directory = paths.checkpoint_directory(directory, what="Checkpoint directory")
     with _held_guard:
         holding = _held.get(directory)
         if holding is None:
@@ -141,5 +196,4 @@ def release(directory: str) -> None:
             return
         del _held[directory]
         holding.stop.set()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(holding.path)
+        _remove(holding.path)

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
 from nnxloop.ranking import score
@@ -77,20 +78,29 @@ def _reader(directory: str) -> ocp.CheckpointManager:
 
 
 def _existing_directory(directory: str | os.PathLike) -> str:
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(path):
+    path = paths.checkpoint_directory(directory, what="Checkpoint directory")
+    where = paths.path(path)
+    if not where.exists():
         raise CheckpointError(f"Checkpoint directory {path} does not exist.")
-    if not os.path.isdir(path):
+    if not where.is_dir():
         raise CheckpointError(f"{path} is a file, not a checkpoint directory.")
     return path
 
 
+def _join(path: str, name: str) -> str:
+    return f"{path}/{name}" if paths.is_remote(path) else os.path.join(path, name)
+
+
 def _size_bytes(path: str) -> int:
     total = 0
-    for root, _dirs, files in os.walk(path):
+    kind = paths.scheme(path)
+    for found, _dirs, files in paths.path(path).walk():
+        root = found
+        if kind is not None and not paths.is_remote(found):  # fsspec walks without the scheme
+            root = paths.path(f"{kind}://{os.fspath(found).lstrip('/')}")
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                total += (root / name).stat().length
             except OSError:  # removed while we walk, e.g. by a running save
                 pass
     return total
@@ -103,19 +113,26 @@ def _first_line(exc: BaseException) -> str:
 
 def _listdir(path: str) -> list[str]:
     try:
-        return os.listdir(path)
+        return [entry.name for entry in paths.path(path).iterdir()]
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc}).") from exc
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return paths.path(path).is_dir()
+    except OSError:
+        return False
 
 
 def _not_a_checkpoint_directory(path: str) -> CheckpointError:
     def holds_steps(sub: str) -> bool:
         try:
-            return os.path.isdir(sub) and any(n.isdigit() for n in os.listdir(sub))
-        except OSError:
+            return _is_dir(sub) and any(n.isdigit() for n in _listdir(sub))
+        except CheckpointError:
             return False
 
-    below = sorted(n for n in _listdir(path) if holds_steps(os.path.join(path, n)))
+    below = sorted(n for n in _listdir(path) if holds_steps(_join(path, n)))
     hint = f"; these subdirectories hold checkpoints: {', '.join(below)}" if below else ""
     return CheckpointError(
         f"{path} is not a checkpoint directory (it has no step directories){hint}."
@@ -126,7 +143,7 @@ def _uncommitted(path: str, committed: list[int]) -> list[tuple[int, str, str]]:
     """`(step, name, status)` of the step directories orbax does not count as committed."""
     found = []
     for name in _listdir(path):
-        if not os.path.isdir(os.path.join(path, name)):
+        if not _is_dir(_join(path, name)):
             continue
         if name.isdigit():
             if int(name) not in committed:  # orbax saw no commit marker: interrupted too
@@ -158,13 +175,17 @@ def list_checkpoints(directory: str | os.PathLike, *, verify: bool = False) -> l
         if not committed and not others:
             raise _not_a_checkpoint_directory(path)
         summaries = [
-            StepSummary(step, name, status, _size_bytes(os.path.join(path, name)))
+            StepSummary(step, name, status, _size_bytes(_join(path, name)))
             for step, name, status in others
         ]
         summaries += [_summarise_step(manager, path, step, verify=verify) for step in committed]
     finally:
         manager.close()
     return sorted(summaries, key=lambda s: (s.step, s.status != COMPLETE, s.name))
+
+
+def _read_json(path: str) -> Any:
+    return json.loads(paths.path(path).read_text())
 
 
 def _missing_part(step_dir: str) -> str | None:
@@ -174,25 +195,23 @@ def _missing_part(step_dir: str) -> str | None:
     its tree metadata and, when written as OCDBT, its manifest and data files.
     """
     try:
-        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-            items = list(json.load(f).get("item_handlers") or {})
+        items = list(_read_json(_join(step_dir, "_CHECKPOINT_METADATA")).get("item_handlers") or {})
     except (OSError, ValueError, AttributeError):
         return "its commit record (_CHECKPOINT_METADATA) is missing or damaged"
     for item in items:
-        item_dir = os.path.join(step_dir, item)
-        if not os.path.isdir(item_dir):
+        item_dir = _join(step_dir, item)
+        if not _is_dir(item_dir):
             return f"the {item} item is missing"
         if item not in (MODEL, OPTIMIZER):
             continue
         try:
-            with open(os.path.join(item_dir, "_METADATA")) as f:
-                ocdbt = bool(json.load(f).get("use_ocdbt"))
+            ocdbt = bool(_read_json(_join(item_dir, "_METADATA")).get("use_ocdbt"))
         except (OSError, ValueError, AttributeError):
             return f"the {item} item's metadata (_METADATA) is missing or damaged"
-        if ocdbt and not os.path.isfile(os.path.join(item_dir, "manifest.ocdbt")):
+        if ocdbt and not paths.path(_join(item_dir, "manifest.ocdbt")).is_file():
             return f"the {item} item's manifest.ocdbt is missing"
-        data = os.path.join(item_dir, "d")
-        if ocdbt and not (os.path.isdir(data) and os.listdir(data)):
+        data = _join(item_dir, "d")
+        if ocdbt and not (_is_dir(data) and _listdir(data)):
             return f"the {item} item's array data (d/) is missing"
     return None
 
@@ -206,12 +225,14 @@ def _unreadable_arrays(step_dir: str) -> str | None:
     step was written with, and memory holds one chunk at a time.
     """
     for item in (MODEL, OPTIMIZER):
-        item_dir = os.path.join(step_dir, item)
-        if not os.path.isdir(item_dir):
+        item_dir = _join(step_dir, item)
+        if not _is_dir(item_dir):
             continue
-        base = {"driver": "file", "path": item_dir + os.sep}
-        spec = {"driver": "ocdbt", "base": base} if _uses_ocdbt(item_dir) else base
+        base = item_dir + "/" if paths.is_remote(item_dir) else f"file://{item_dir}/"
         try:
+            spec: Any = base
+            if _uses_ocdbt(item_dir):
+                spec = {"driver": "ocdbt", "base": base}
             store = ts.KvStore.open(spec).result()
             for key in store.list().result():
                 store.read(key).result()
@@ -222,17 +243,16 @@ def _unreadable_arrays(step_dir: str) -> str | None:
 
 def _uses_ocdbt(item_dir: str) -> bool:
     try:
-        with open(os.path.join(item_dir, "_METADATA")) as f:
-            return bool(json.load(f).get("use_ocdbt"))
+        return bool(_read_json(_join(item_dir, "_METADATA")).get("use_ocdbt"))
     except (OSError, ValueError, AttributeError):
-        return os.path.isfile(os.path.join(item_dir, "manifest.ocdbt"))
+        return paths.path(_join(item_dir, "manifest.ocdbt")).is_file()
 
 
 def _summarise_step(
     manager: ocp.CheckpointManager, path: str, step: int, *, verify: bool = False
 ) -> StepSummary:
     name = str(step)
-    step_dir = os.path.join(path, name)
+    step_dir = _join(path, name)
     size = _size_bytes(step_dir)
     try:
         meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import (
     META,
@@ -32,31 +31,39 @@ from nnxloop.checkpointing.guard import (
     item_handlers,
     non_finite_error,
 )
+from nnxloop.checkpointing.paths import checkpoint_directory
 from nnxloop.ranking import score
 
 log = logging.getLogger("nnxloop")
 
 
-def check_directory(directory: str, *, what: str) -> str:
+def check_directory(directory: str | os.PathLike[str], *, what: str) -> str:
     """Creates `directory` if needed and checks that files can be written in it.
 
+    `directory` is a local path or a `gs://` URL (see `checkpoint_directory`); it is returned
+    as nnxloop keeps it.
+
     Raises:
-        CheckpointError: the path is a file, or the directory cannot be created or written.
+        CheckpointError: the path is a file, the directory cannot be created or written, or
+            the URL's scheme is not one orbax writes to.
     """
-    path = os.path.abspath(os.fspath(directory))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"{what} {path} is a file, not a directory; pass a directory path.")
+    directory = checkpoint_directory(directory, what=what)
+    where = paths.path(directory)
+    if where.exists() and not where.is_dir():
+        raise CheckpointError(
+            f"{what} {directory} is a file, not a directory; pass a directory path."
+        )
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".nnxloop-write-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".nnxloop-write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as exc:
         raise CheckpointError(
-            f"{what} {path} cannot be written ({exc.strerror or exc}); pass a writable directory."
+            f"{what} {directory} cannot be written ({exc.strerror or exc}); pass a writable "
+            "directory."
         ) from exc
-    return path
+    return directory
 
 
 def _fsync_directory(path: str) -> None:
@@ -134,7 +141,8 @@ class CheckpointStore:
         best_metric: str | None = None,
         best_mode: str = "min",
     ):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = checkpoint_directory(directory, what="Checkpoint directory")
+        self.path = paths.path(self.directory)
         self.max_to_keep = max_to_keep
         self.keep_every_steps = keep_every_steps
         self.best_metric = best_metric
@@ -172,7 +180,7 @@ class CheckpointStore:
 
     def steps(self) -> list[int]:
         """Committed steps in the directory, oldest first (incomplete saves are not listed)."""
-        if not os.path.isdir(self.directory):
+        if not self.path.is_dir():
             return []
         manager = self.manager(async_=bool(self._manager_async))
         manager.reload()
@@ -180,7 +188,7 @@ class CheckpointStore:
 
     def has_step(self, step: int) -> bool:
         """Whether a committed checkpoint of `step` is on disk (no orbax state is touched)."""
-        return os.path.isdir(os.path.join(self.directory, str(step)))
+        return (self.path / str(step)).is_dir()
 
     def save(
         self,
@@ -208,16 +216,21 @@ class CheckpointStore:
         """Replaces the JSON `meta` item of the committed `step` (its arrays are untouched).
 
         The new file is written beside the old one, flushed to disk and renamed over it, so a
-        kill at any moment leaves one whole meta or the other. Process 0 writes it.
+        kill at any moment leaves one whole meta or the other. In a bucket, where an object is
+        replaced whole or not at all, it is written in place. Process 0 writes it.
         """
-        path = os.path.join(self.directory, str(step), META, META_FILE)
-        if not os.path.isfile(path):
+        target = self.path / str(step) / META / META_FILE
+        if not target.is_file():
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} has no {META}/{META_FILE} "
                 "file to update; it is damaged or was not written by nnxloop."
             )
         if jax.process_index() != 0:
             return
+        if paths.is_remote(self.directory):
+            target.write_text(json.dumps(meta))
+            return
+        path = os.fspath(target)
         tmp = f"{path}.nnxloop-tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(meta, f)
@@ -255,10 +268,10 @@ class CheckpointStore:
         directory and re-reads the committed steps (orbax's in-memory list already had it)."""
         if jax.process_count() > 1:  # every process's writes into it have finished
             multihost_utils.sync_global_devices(f"nnxloop-discard-{self.directory}-{step}")
-        if jax.process_index() == 0:
-            pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
-            for path in glob.glob(pattern):
-                shutil.rmtree(path, ignore_errors=True)
+        if jax.process_index() == 0 and self.path.is_dir():
+            for leftover in self.path.glob(f"{step}.orbax-checkpoint-tmp*"):
+                with contextlib.suppress(OSError):
+                    leftover.rmtree()
         if self._manager is not None:
             self._manager.reload()
 
@@ -288,13 +301,14 @@ class CheckpointStore:
 
     def set_aside(self) -> list[str]:
         """The steps `quarantine` moved aside in this directory, by earlier runs too."""
-        pattern = os.path.join(glob.escape(self.directory), "*.unreadable-*")
-        return sorted(glob.glob(pattern))
+        if not self.path.is_dir():
+            return []
+        return sorted(os.fspath(p) for p in self.path.glob("*.unreadable-*"))
 
     def quarantine(self, step: int) -> str:
         """Renames an unreadable step aside (orbax then ignores it); nothing is deleted."""
-        src = os.path.join(self.directory, str(step))
-        dst = f"{src}.unreadable-{time.time_ns()}"
-        os.rename(src, dst)
+        src = self.path / str(step)
+        dst = self.path / f"{step}.unreadable-{time.time_ns()}"
+        src.rename(dst)  # in a bucket: every object copied, then deleted
         self.manager(async_=bool(self._manager_async)).reload()
-        return dst
+        return os.fspath(dst)
