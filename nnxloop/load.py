@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -22,6 +23,8 @@ from nnxloop.checkpointing import (
 )
 
 log = logging.getLogger("nnxloop")
+
+_SHOWN = 20  # skipped arrays named one per line by load_model(strict=False)
 
 
 def _resolve_step(store: CheckpointStore, step: int | str) -> int:
@@ -55,11 +58,17 @@ def _read_model_state(store: CheckpointStore, step: int, abstract_state: Any) ->
     meta = store.read_meta(step)
     if meta.get("step", step) != step:
         raise ValueError(f"its meta says step {meta.get('step')!r}, its directory says {step}")
-    compare_shapes(
-        meta.get("model_shapes", {}),
-        path_shapes(abstract_state),
-        where=f"The checkpoint of step {step} in {store.directory}",
-    )
+    try:
+        compare_shapes(
+            meta.get("model_shapes", {}),
+            path_shapes(abstract_state),
+            where=f"The checkpoint of step {step} in {store.directory}",
+        )
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc} To load only the arrays that match (fine-tuning with a new head, say), "
+            "pass strict=False."
+        ) from None
     replicated = NamedSharding(
         jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec()
     )
@@ -70,28 +79,104 @@ def _read_model_state(store: CheckpointStore, step: int, abstract_state: Any) ->
     return state
 
 
+def _key_parts(path: Any) -> tuple[str, ...]:
+    """A leaf path with every key as a string: how the model's state tree and the tree orbax
+    saved it as name the same leaf (`['layers'][0]['kernel'].value` and
+    `layers/'0'/kernel/value`)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return tuple(parts)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _matching_state(
+    store: CheckpointStore, step: int, model: nnx.Module
+) -> tuple[Any, list[tuple[str, str]]]:
+    """The model's state with every leaf whose path and shape the checkpoint of `step` has
+    replaced by the saved value; and `(path, why)` for each leaf skipped either way."""
+    meta = store.read_meta(step)
+    if meta.get("step", step) != step:
+        raise ValueError(f"its meta says step {meta.get('step')!r}, its directory says {step}")
+    saved_tree = store.restore_model_as_saved(step, _one_device())
+    saved = {
+        _key_parts(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
+    }
+    state = nnx.state(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves, skipped, used = [], [], set()
+    for path, leaf in flat:
+        name, parts = jax.tree_util.keystr(path), _key_parts(path)
+        value = saved.get(parts)
+        if value is not None and _is_key(leaf) and value.dtype == jnp.uint32:
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
+        if value is None:
+            skipped.append((name, "not in the checkpoint; kept as built"))
+        elif value.shape != leaf.shape:
+            skipped.append(
+                (
+                    name,
+                    f"shape {tuple(value.shape)} in the checkpoint, {tuple(leaf.shape)} in the "
+                    "model; kept as built",
+                )
+            )
+            used.add(parts)
+        else:
+            used.add(parts)
+            leaves.append(value.astype(leaf.dtype) if not _is_key(leaf) else value)
+            continue
+        leaves.append(jax.device_put(leaf, _one_device()))
+    only_saved = [parts for parts in saved if parts not in used]
+    if len(skipped) == len(flat):  # nothing of the model was loaded
+        raise CheckpointError(
+            f"No array of the checkpoint of step {step} in {store.directory} matches the "
+            "model by path and shape: it was written by another kind of model."
+        )
+    skipped += [("/".join(parts), "in the checkpoint only; not loaded") for parts in only_saved]
+    return jax.tree_util.tree_unflatten(treedef, leaves), skipped
+
+
+def _one_device() -> NamedSharding:
+    return NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec())
+
+
 def load_model(
     directory: str | os.PathLike,
     like: nnx.Module | Callable[[], nnx.Module],
     *,
     step: int | str = "latest",
+    strict: bool = True,
 ) -> nnx.Module:
-    """Loads a model's saved state (parameters, batch statistics, RNG state) for inference.
+    """Loads a model's saved state (parameters, batch statistics, RNG state) for inference or
+    for fine-tuning.
 
     Args:
-        directory: a directory written by `CheckpointCallback` or `BestModelCallback`.
+        directory: a directory written by `CheckpointCallback` or `BestModelCallback`, or a
+            `gs://` URL of one.
         like: a model of the same architecture (its values are replaced), or a function that
-            builds one (called abstractly: no initialisation cost).
+            builds one (called abstractly when `strict`: no initialisation cost).
         step: `"latest"`, `"best"` (a `BestModelCallback` directory) or a step number.
+        strict: with False, loads every array whose path and shape match the checkpoint and
+            keeps the rest as built (a new head, a resized layer), then logs one warning
+            naming each array it skipped and why (not in the checkpoint, another shape, or
+            in the checkpoint only). Raises only when no array matches at all.
 
     Returns:
         The model, holding the saved values, in eval mode.
 
     Raises:
         CheckpointError: no checkpoints, no such step, a model whose shapes differ (the
-            message names the leaf and both shapes), or a damaged step. With
-            `step="latest"`, a damaged newest step is skipped with a warning and the one
-            before it is loaded.
+            message names the leaf and both shapes; `strict=False` loads what matches), or a
+            damaged step. With `step="latest"`, a damaged newest step is skipped with a
+            warning and the one before it is loaded.
 
     Example:
         ```python
@@ -105,8 +190,9 @@ def load_model(
         model = like
         abstract_model = nnx.eval_shape(lambda: like)
     elif callable(like):
-        abstract_model = nnx.eval_shape(like)
-        model = None
+        # Leaves that are not loaded keep their initial values, so strict=False builds them.
+        model = None if strict else like()
+        abstract_model = nnx.eval_shape(like) if strict else nnx.eval_shape(lambda: model)
     else:
         raise TypeError(
             f"like must be an nnx.Module or a function building one, got {type(like).__name__}."
@@ -121,9 +207,15 @@ def load_model(
         if step != "latest":
             candidates = [chosen]
         state = None
+        skipped: list[tuple[str, str]] = []
         for candidate in candidates:
             try:
-                state = _read_model_state(store, candidate, abstract_state)
+                if strict:
+                    state = _read_model_state(store, candidate, abstract_state)
+                else:
+                    assert model is not None
+                    state, skipped = _matching_state(store, candidate, model)
+                chosen = candidate
                 break
             except CheckpointError:
                 raise  # not damage: another model, another step
@@ -143,6 +235,17 @@ def load_model(
             )
     finally:
         store.close()
+    if skipped:
+        shown = "".join(f"\n  {path}: {why}" for path, why in skipped[:_SHOWN])
+        more = f"\n  ... and {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
+        log.warning(
+            "load_model(strict=False) loaded step %d of %s except %d arrays:%s%s",
+            chosen,
+            directory,
+            len(skipped),
+            shown,
+            more,
+        )
     if model is None:
         model = nnx.merge(graphdef, state)
     else:

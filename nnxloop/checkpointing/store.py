@@ -299,6 +299,24 @@ class CheckpointStore:
         optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
         return restored[MODEL], optimizer
 
+    def restore_model_as_saved(self, step: int, sharding: jax.sharding.Sharding) -> Any:
+        """The `model` item of `step` in the tree it was saved as (nested dicts with string
+        keys, as orbax stores a state), every array placed with `sharding`."""
+        manager = self.manager(async_=bool(self._manager_async))
+        saved = manager.item_metadata(step)[MODEL]
+        if saved is None:
+            raise CheckpointError(
+                f"The checkpoint of step {step} in {self.directory} has no model item."
+            )
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            dict(saved),
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{MODEL: arrays_restore_args(abstract)})
+        )
+        return restored[MODEL]
+
     def set_aside(self) -> list[str]:
         """The steps `quarantine` moved aside in this directory, by earlier runs too."""
         if not self.path.is_dir():
