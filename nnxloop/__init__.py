@@ -9,6 +9,7 @@ from nnxloop.callbacks import (
     EarlyStopping,
     MetricsLogger,
     MonitorCallback,
+    ProfileCallback,
     TerminateOnNaN,
     TrainerView,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "History",
     "MetricsLogger",
     "MonitorCallback",
+    "ProfileCallback",
     "Step",
     "TerminateOnNaN",
     "Trainer",

@@ -9,6 +9,7 @@ from nnxloop.callbacks.checkpoint import CheckpointCallback
 from nnxloop.callbacks.early_stopping import EarlyStopping
 from nnxloop.callbacks.metrics_logger import MetricsLogger
 from nnxloop.callbacks.monitor import MonitorCallback
+from nnxloop.callbacks.profile import ProfileCallback
 from nnxloop.callbacks.progress_bar import ProgressBar
 from nnxloop.callbacks.terminate_on_nan import TerminateOnNaN
 from nnxloop.callbacks.view import TrainerView
@@ -27,6 +28,7 @@ __all__ = [
     "EarlyStopping",
     "MetricsLogger",
     "MonitorCallback",
+    "ProfileCallback",
     "ProgressBar",
     "TerminateOnNaN",
     "TrainerView",
