@@ -1,6 +1,6 @@
 """nnxloop: a training loop for JAX and Flax NNX with trustworthy checkpointing."""
 
-from nnxloop import distributed
+from nnxloop import distributed, writers
 from nnxloop.callbacks import (
     AsyncSaveCallback,
     BestModelCallback,
@@ -40,4 +40,5 @@ __all__ = [
     "__version__",
     "distributed",
     "load_model",
+    "writers",
 ]

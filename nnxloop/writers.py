@@ -2,15 +2,19 @@
 
 `clu.metric_writers` imports TensorFlow when imported, so nnxloop keeps a small interface with
 the same methods (`write_scalars`, `write_hparams`, `write_texts`, `flush`, `close`) and three
-backends: TensorBoard event files (tensorboardX), JSON lines, and Python logging.
+backends: TensorBoard event files (tensorboardX), JSON lines, and Python logging; and
+`MLflowWriter` for an MLflow tracking server or store, run off the training thread by
+`BackgroundWriter`.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -196,3 +200,214 @@ class MultiWriter(MetricWriter):
     def close(self):
         for w in self.writers:
             w.close()
+
+
+class BackgroundWriter(MetricWriter):
+    """Runs another writer's calls on a thread of its own, so a slow one (a tracker over the
+    network) never makes the caller wait, except in `flush` and `close`.
+
+    At most `max_pending` lines (`write_scalars` calls) wait; when a writer cannot keep up, the
+    oldest waiting lines are dropped to make room, with one warning naming the writer (never an
+    unbounded queue, never a stalled step). A writer that raises is reported with one warning
+    and receives nothing more; the other writers go on.
+
+    Args:
+        writer: the writer to run in the background.
+        max_pending: how many lines may wait.
+    """
+
+    def __init__(self, writer: MetricWriter, *, max_pending: int = 1000):
+        self.writer = writer
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.failed: BaseException | None = None
+        self._pending: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"nnxloop-{type(writer).__name__}", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, method: str, *args: Any) -> None:
+        with self._cond:
+            if self.failed is not None or self._closed:
+                return
+            lines = sum(name == "write_scalars" for name, _ in self._pending)
+            if method == "write_scalars" and lines >= self.max_pending:
+                # Only lines are bounded and dropped: a flush, a close or the run's
+                # description always gets through.
+                oldest = next(i for i, (name, _) in enumerate(self._pending) if name == method)
+                del self._pending[oldest]
+                if not self.dropped:
+                    logging.getLogger("nnxloop").warning(
+                        "%s cannot keep up with the metric lines: dropping the oldest waiting "
+                        "lines (at most %d wait). Log less often (every_steps) or use a faster "
+                        "writer.",
+                        type(self.writer).__name__,
+                        self.max_pending,
+                    )
+                self.dropped += 1
+            self._pending.append((method, args))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                method, args = self._pending.popleft()
+                self._busy = True
+            try:
+                if self.failed is None:
+                    getattr(self.writer, method)(*args)
+            except Exception as exc:  # a tracker's failure must not end training
+                self.failed = exc
+                logging.getLogger("nnxloop").warning(
+                    "%s failed and is left out from here on (%s: %s).",
+                    type(self.writer).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _drain(self) -> None:
+        with self._cond:
+            while self._pending or self._busy:
+                self._cond.wait()
+
+    def write_scalars(self, step, scalars):
+        self._put("write_scalars", step, dict(scalars))
+
+    def write_hparams(self, hparams):
+        self._put("write_hparams", dict(hparams))
+
+    def write_texts(self, step, texts):
+        self._put("write_texts", step, dict(texts))
+
+    def flush(self):
+        """Waits until every call so far has reached the writer, then flushes it."""
+        self._put("flush")
+        self._drain()
+
+    def close(self):
+        self._put("close")
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = getattr(self.writer, "state_dict", None)
+        return state() if callable(state) else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load = getattr(self.writer, "load_state_dict", None)
+        if callable(load):
+            load(state)
+
+
+class MLflowWriter(MetricWriter):
+    """An MLflow run: scalars as metrics by step, hyper-parameters as params, texts (the
+    parameter table) as tags.
+
+    A resumed run continues the same MLflow run (its id is saved with the `MetricsLogger`'s
+    state in every checkpoint), and lines a killed run had already logged after the checkpoint
+    it resumes from are not logged twice. `mlflow` is imported when the writer is built:
+    `pip install "nnxloop[mlflow]"`.
+
+    Args:
+        tracking_uri: where the run goes (`"sqlite:///mlflow.db"`, `"http://host:5000"`, a
+            directory); None: MLflow's default (`MLFLOW_TRACKING_URI`, else `./mlruns`).
+        experiment: the experiment, created when missing.
+        run_name: the run's name; None lets MLflow choose one.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        experiment: str = "nnxloop",
+        run_name: str | None = None,
+    ):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise ImportError('MLflowWriter needs mlflow: pip install "nnxloop[mlflow]".') from exc
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id: str | None = None
+        self._synced = False
+        self._logged: dict[str, set[int]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.run_id = state.get("run_id") or self.run_id
+        self._synced = False
+
+    def reset_state(self) -> None:
+        """Forgets the run: the next line starts a new MLflow run (a fit from step 0)."""
+        self.run_id, self._synced, self._logged = None, False, {}
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            found = self._client.get_experiment_by_name(self.experiment)
+            experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self._client.create_experiment(self.experiment)
+            )
+            run = self._client.create_run(experiment_id, run_name=self.run_name)
+            self.run_id, self._synced = run.info.run_id, True
+        elif not self._synced:
+            # A resumed run: what the killed run logged is there already, step by step.
+            self._client.update_run(self.run_id, status="RUNNING")
+            for key in self._client.get_run(self.run_id).data.metrics:
+                history = self._client.get_metric_history(self.run_id, key)
+                self._logged[key] = {m.step for m in history}
+            self._synced = True
+        return self.run_id
+
+    def write_scalars(self, step, scalars):
+        from mlflow.entities import Metric
+
+        run_id = self._run()
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(str(k), float(v), now, int(step))
+            for k, v in scalars.items()
+            if int(step) not in self._logged.get(str(k), ())
+        ]
+        for m in metrics:
+            self._logged.setdefault(m.key, set()).add(m.step)
+        if metrics:
+            self._client.log_batch(run_id, metrics=metrics)
+
+    def write_hparams(self, hparams):
+        from mlflow.entities import Param
+
+        run_id = self._run()
+        existing = self._client.get_run(run_id).data.params
+        params = [
+            Param(str(k), str(v)[:6000]) for k, v in hparams.items() if str(k) not in existing
+        ]
+        if params:
+            self._client.log_batch(run_id, params=params)
+
+    def write_texts(self, step, texts):
+        run_id = self._run()
+        for name, text in texts.items():
+            self._client.set_tag(run_id, f"nnxloop.{name}", text[:5000])
+
+    def close(self):
+        if self.run_id is not None:
+            self._client.set_terminated(self.run_id)

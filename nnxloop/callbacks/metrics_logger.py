@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,13 +18,26 @@ from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import check_directory, paths
 from nnxloop.checks import positive_int
 from nnxloop.triggers import next_multiple
-from nnxloop.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
+from nnxloop.writers import (
+    BackgroundWriter,
+    JsonlWriter,
+    MetricWriter,
+    MultiWriter,
+    TensorBoardWriter,
+)
 
 log = logging.getLogger("nnxloop")
 
 
+def _writer_state(writer: MetricWriter) -> dict[str, Any]:
+    """A writer's `state_dict()` (an MLflow run id, say), or {} for a writer without one."""
+    state: Callable[[], dict[str, Any]] | None = getattr(writer, "state_dict", None)
+    return state() if state is not None else {}
+
+
 class MetricsLogger(Callback):
-    """Writes metrics as TensorBoard event files (tensorboardX) and as `metrics.jsonl`.
+    """Writes metrics as TensorBoard event files (tensorboardX) and as `metrics.jsonl`, and to
+    any extra writers (an MLflow run, a writer of your own).
 
     Every `every_steps` steps (with `steps_per_dispatch=K`, at the end of the dispatch that
     reaches that step) it writes the training metrics averaged on device since the last write,
@@ -35,11 +48,18 @@ class MetricsLogger(Callback):
     a table of the model's parameters. Only process 0 writes. A resumed run appends, without
     duplicating the lines its killed predecessor wrote after the checkpoint it resumed from.
 
+    Extra writers run on threads of their own (`nl.writers.BackgroundWriter`), so a slow one
+    never slows a step; the logger waits for them when a checkpoint is saved, after an
+    evaluation and at the end. Their `state_dict()` (an MLflow run id) is saved with every
+    checkpoint and given back on resume.
+
     Args:
         logdir: the local directory for the event files and `metrics.jsonl` (a `gs://` or
             other URL raises `ValueError`: the files are appended to and fsynced, which
             object stores do not support; log locally and copy the directory to a bucket).
+            None writes no files: only `writers`.
         every_steps: how often to write training metrics.
+        writers: extra `nl.writers.MetricWriter`s, e.g. `nl.writers.MLflowWriter(...)`.
         learning_rate: a schedule (`count -> lr`, as given to optax) or a float to log as
             `learning_rate` (the rate the last update used). Not
             needed when the optimizer was built with `optax.inject_hyperparams`, whose state
@@ -54,22 +74,38 @@ class MetricsLogger(Callback):
 
     def __init__(
         self,
-        logdir: str | os.PathLike[str],
+        logdir: str | os.PathLike[str] | None = None,
         *,
         every_steps: int = 50,
+        writers: Sequence[MetricWriter] = (),
         learning_rate: Callable[[int], Any] | float | None = None,
         hparams: Mapping[str, Any] | None = None,
     ):
         positive_int("every_steps", every_steps)
-        self._given_logdir = os.fspath(logdir)
-        if paths.is_remote(self._given_logdir):
+        self.writers = list(writers)
+        for w in self.writers:
+            if not isinstance(w, MetricWriter):
+                raise TypeError(
+                    f"writers must be nl.writers.MetricWriter instances, got {type(w).__name__}; "
+                    "subclass MetricWriter and override the methods your sink supports."
+                )
+        if logdir is None and not self.writers:
+            raise ValueError(
+                "MetricsLogger needs a logdir (TensorBoard and metrics.jsonl) or writers, or both."
+            )
+        self._given_logdir = None if logdir is None else os.fspath(logdir)
+        self._background: list[BackgroundWriter] = []
+        if self._given_logdir is None:
+            self.logdir = None
+        elif paths.is_remote(self._given_logdir):
             raise ValueError(
                 f"MetricsLogger cannot write to {self._given_logdir}: its files are appended "
                 "to and fsynced at every checkpoint, which object stores (gs://, s3://) do not "
                 "support. Pass a local directory (and copy it to the bucket, e.g. with "
                 "`gcloud storage rsync`), or point TensorBoard at the local directory."
             )
-        self.logdir = os.path.abspath(self._given_logdir)
+        else:
+            self.logdir = os.path.abspath(self._given_logdir)
         self.every_steps = every_steps
         self.learning_rate = learning_rate
         self.hparams = dict(hparams or {})
@@ -78,22 +114,29 @@ class MetricsLogger(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"MetricsLogger({self._given_logdir})"
+        if self._given_logdir is not None:
+            return f"MetricsLogger({self._given_logdir})"
+        return f"MetricsLogger({', '.join(type(w).__name__ for w in self.writers)})"
 
     def _make_writer(self, resume_step: int) -> MetricWriter:
-        return MultiWriter(
-            [
+        files: list[MetricWriter] = []
+        if self.logdir is not None:
+            files = [
                 TensorBoardWriter(self.logdir, purge_step=resume_step + 1),
                 JsonlWriter(os.path.join(self.logdir, "metrics.jsonl"), resume_step=resume_step),
             ]
-        )
+        # Writers of the user's own (trackers) run off the training thread: a slow one must
+        # not slow a step.
+        self._background = [BackgroundWriter(w) for w in self.writers]
+        return MultiWriter([*files, *self._background])
 
     def on_train_begin(self, trainer: TrainerView) -> None:
         # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
         if not self._active:
             return
-        check_directory(self.logdir, what="Log directory")
+        if self.logdir is not None:
+            check_directory(self.logdir, what="Log directory")
         self.writer = None  # opened at the first write, after any checkpoint restore
         self._last = trainer.metric_totals()
         self._mark = None
@@ -211,7 +254,19 @@ class MetricsLogger(Callback):
             with self._writing():
                 self._write_ready(wait=True)
                 self.writer.flush()
-        return {}
+        return {"writers": [_writer_state(w) for w in self.writers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for writer, saved in zip(self.writers, state.get("writers", [])):
+            load = getattr(writer, "load_state_dict", None)
+            if callable(load) and saved:
+                load(saved)
+
+    def reset_state(self) -> None:
+        for writer in self.writers:
+            reset = getattr(writer, "reset_state", None)
+            if callable(reset):
+                reset()
 
     @contextlib.contextmanager
     def _writing(self):
