@@ -14,7 +14,13 @@ import pathlib
 import subprocess
 import sys
 
-SCRIPTS = ["bench_step.py", "bench_peers.py", "bench_checkpoint.py", "bench_resume.py"]
+SCRIPTS = [
+    "bench_step.py",
+    "bench_peers.py",
+    "bench_checkpoint.py",
+    "bench_resume.py",
+    "bench_slow_writer.py",
+]
 
 
 def main(argv=None) -> int:

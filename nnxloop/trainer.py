@@ -156,6 +156,7 @@ class Trainer:
         self.last_metrics: dict[str, jax.Array] = {}
         self.fit_epochs: int | None = None
         self.fit_max_steps: int | None = None
+        self.fit_total_steps: int | None = None
         self.fit_evaluates = False
 
     # -- override points (traced under jit) -----------------------------------------------
@@ -454,6 +455,7 @@ class Trainer:
         if self._restored_data_state is not None:
             run.restored(self._restored_data_state[0])
             self._restored_data_state = None
+        self.fit_total_steps = _total_steps(epochs, max_steps, run.feed.length)
         self._engine.load_from_objects()
         self._run = run
         first_epoch = len(self.history.epochs)
@@ -541,3 +543,11 @@ class Trainer:
         if not outputs:
             raise ValueError("predict got no batches.")
         return data_lib.concat(outputs)
+
+
+def _total_steps(epochs: int | None, max_steps: int | None, length: int | None) -> int | None:
+    """The step a `fit` ends at when it runs to its end: `max_steps`, or `epochs` whole epochs
+    of data with a length, whichever comes first; None when not known in advance."""
+    by_epochs = epochs * length if epochs is not None and length is not None else None
+    known = [n for n in (max_steps, by_epochs) if n is not None]
+    return min(known) if known else None

@@ -27,6 +27,12 @@ def test_bench_step_quick():
 
 
 @pytest.mark.extended
+def test_bench_slow_writer_quick():
+    out = run([str(BENCHMARKS / "bench_slow_writer.py"), "--quick"])
+    assert "K=8: slow writer / no logger" in out and "log every 500" in out
+
+
+@pytest.mark.extended
 def test_bench_checkpoint_quick_reports_every_row_and_cleans_up(tmp_path):
     out = run([str(BENCHMARKS / "bench_checkpoint.py"), "--quick", "--dir", str(tmp_path)])
     for row in ("sync save, blocked", "async save, until on disk", "resumed fit", "dd conv"):

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import optax
@@ -231,3 +232,36 @@ def test_logging_and_multi_writer(caplog):
         multi.write_texts(3, {"note": "hello"})
         multi.close()
     assert "step 3: loss=0.25" in caplog.text and "hello" in caplog.text
+
+
+def test_progress_bar_has_a_total_from_epochs_of_data_with_a_length(capsys):
+    nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=True, log_every_steps=4).fit(
+        make_batches(), epochs=2
+    )
+    err = capsys.readouterr().err
+    assert "24/24" in err and "100%" in err  # 12 batches x 2 epochs, known in advance
+
+
+def test_progress_bar_on_a_terminal_that_reports_no_size(monkeypatch):
+    import os
+    import select
+
+    leader, follower = os.openpty()  # a pseudo-terminal with no size set: 0 columns
+    stream = os.fdopen(follower, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=True, log_every_steps=4).fit(
+            make_batches(), max_steps=8
+        )
+        stream.flush()
+        out = b""
+        while select.select([leader], [], [], 0.5)[0]:
+            chunk = os.read(leader, 65536)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        stream.close()
+        os.close(leader)
+    text = out.decode(errors="replace")
+    assert "8/8" in text and "step/s" in text, repr(text[-300:])

@@ -6,6 +6,8 @@ an ordinary callback at the end of the list.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,7 +18,9 @@ from nnxloop.metrics import PendingTotals
 
 
 class ProgressBar(Callback):
-    """Shows epoch, step / total, the last logged loss, steps/s and ETA."""
+    """One bar for the whole `fit`: epoch, step / total with a percentage and ETA (when the
+    total is known: `max_steps`, or `epochs` of data with a length), steps/s, and the loss of
+    the newest window the device has finished."""
 
     def __init__(self, every_steps: int):
         self.every_steps = every_steps
@@ -25,9 +29,19 @@ class ProgressBar(Callback):
         self._shown = 0
 
     def on_train_begin(self, trainer: TrainerView) -> None:
-        total = trainer.fit_max_steps
+        # A terminal that reports no size (a pseudo-terminal without one says 0 columns) gets
+        # a fixed width rather than a bar of width 0.
+        sized = _stderr_columns() > 0
         self.bar = tqdm(
-            total=total, initial=trainer.step, unit="step", dynamic_ncols=True, leave=True
+            total=trainer.fit_total_steps,
+            initial=trainer.step,
+            unit="step",
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            # tqdm sizes a bar on sys.stderr itself from the terminal, so there it is handed
+            # a writer that forwards to it.
+            file=None if sized else _ToStderr(),
+            leave=True,
         )
         self._marks = [trainer.metric_totals()]  # window ends not yet shown
         self._shown = trainer.step
@@ -60,3 +74,21 @@ class ProgressBar(Callback):
             self.bar.update(trainer.step - self._shown)
             self.bar.close()
             self.bar = None
+
+
+def _stderr_columns() -> int:
+    """The width of the terminal stderr writes to, or 0 when it reports none."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
+        return 0
+
+
+class _ToStderr:
+    """Writes to whatever `sys.stderr` is at the time."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -35,6 +35,9 @@ class TrainerView(Protocol):
             when the dispatch ran several steps).
         fit_epochs: the `epochs` of the running `fit`, or None.
         fit_max_steps: the `max_steps` of the running `fit`, or None.
+        fit_total_steps: the step the running `fit` ends at if nothing stops it earlier
+            (`max_steps`, or `epochs` times the length of data that has one), or None when
+            that is not known in advance (epochs of an iterator without a length).
         fit_evaluates: whether the running `fit` evaluates (it was given `val_data`).
     """
 
@@ -48,6 +51,7 @@ class TrainerView(Protocol):
     last_metrics: Mapping[str, jax.Array]
     fit_epochs: int | None
     fit_max_steps: int | None
+    fit_total_steps: int | None
     fit_evaluates: bool
 
     @property
