@@ -16,10 +16,8 @@ import platform
 import time
 
 import jax
-import optax
-from bench_step import MLP, loss_fn, make_batches
+from bench_step import make_batches, trainer_loop
 from common import compare, machine_line
-from flax import nnx
 
 import nnxloop as nl
 
@@ -43,26 +41,12 @@ class SlowWriter(nl.writers.MetricWriter):
 
 
 def fit(sizes, batches, steps, k, every_steps=None):
-    """steps/s of `Trainer.fit` after a warm-up fit; with `every_steps`, a `MetricsLogger`
-    holding only a `SlowWriter` logs every `every_steps` steps."""
+    """steps/s of `Trainer.fit`; with `every_steps`, a `MetricsLogger` holding only a
+    `SlowWriter` logs every `every_steps` steps."""
     callbacks = []
     if every_steps is not None:
         callbacks.append(nl.MetricsLogger(every_steps=every_steps, writers=[SlowWriter()]))
-    trainer = nl.Trainer(
-        MLP(sizes, nnx.Rngs(0)),
-        optax.adam(1e-3),
-        loss_fn=loss_fn,
-        steps_per_dispatch=k,
-        callbacks=callbacks,
-        progress=False,
-    )
-    warm = 2 * k * len(batches) + 1
-    trainer.fit(batches, max_steps=warm)
-    jax.block_until_ready(trainer.model)
-    start = time.perf_counter()
-    trainer.fit(batches, max_steps=warm + steps)
-    jax.block_until_ready(trainer.model)
-    return steps / (time.perf_counter() - start)
+    return trainer_loop(sizes, batches, steps, k, callbacks=callbacks)
 
 
 def main(argv=None):

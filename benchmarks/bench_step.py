@@ -80,10 +80,11 @@ def hand_written(sizes, batches, steps):
     return steps / (time.perf_counter() - start)
 
 
-def trainer_loop(sizes, batches, steps, k, logdir=None, stage_data=None):
-    """`Trainer.fit` over `batches` (a list: staged on the device unless `stage_data=False`)."""
+def trainer_loop(sizes, batches, steps, k, logdir=None, stage_data=None, callbacks=()):
+    """`Trainer.fit` over `batches` (a list: staged on the device unless `stage_data=False`),
+    with a `MetricsLogger` into `logdir` when given, and `callbacks`."""
     model = MLP(sizes, nnx.Rngs(0))
-    callbacks = []
+    callbacks = list(callbacks)
     if logdir is not None and hasattr(nl, "MetricsLogger"):
         callbacks.append(nl.MetricsLogger(logdir, every_steps=50))
     trainer = nl.Trainer(
