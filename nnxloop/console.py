@@ -1,5 +1,7 @@
-"""What a user sees by default: one line on stderr (process 0) for each event that changes what
-a rerun does — a resume, a run with nothing left to do, an early stop, a preemption stop.
+"""What a user sees by default on stderr (process 0): the run's start (what it trains, from which
+step, on which devices, where checkpoints and logs go, and its parameters per top-level module)
+and one line for each event that changes what a rerun does — a resume, a run with nothing left
+to do, an early stop, a preemption stop.
 
 These go to the `nnxloop.run` logger, which writes to stderr itself: importing orbax gives the
 root logger a handler, after which `logging.basicConfig(level=logging.INFO)` does nothing, so

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from nnxloop import feed
+from nnxloop import feed, summary
 from nnxloop.callbacks.base import CallbackList, StepLogs
 from nnxloop.console import announce
 from nnxloop.metrics import Accumulation, LazyLogs
@@ -88,9 +88,20 @@ class FitRun:
             if self.done():
                 why = " (stopped by a callback)" if t.stop_training else ""
                 announce("Training already finished at step %d%s; nothing to do.", t.step, why)
+            else:
+                self._announce_start()
             self._train_loop()
             t.history.stopped_early = t.stop_training and not t.preempted
             self.callbacks.call("on_train_end", t)
+
+    def _announce_start(self) -> None:
+        """The run's start line and its parameters per top-level module (process 0, stderr),
+        after any resume, so the step is the one training starts from."""
+        t = self.trainer
+        where = [d for d in (cb.describe() for cb in self.callbacks) if d]
+        params = t.parameter_shapes()
+        announce("%s", summary.start_line(t.model_class, params, t.mesh, t.step, where))
+        announce("Parameters:\n%s", summary.module_table(params))
 
     def _train_loop(self) -> None:
         t = self.trainer

@@ -221,7 +221,9 @@ def test_progress_bar_only_when_asked(capsys):
     assert "4/4" in err and "loss=" in err
     nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=False).fit(make_batches(), max_steps=2)
     nl.Trainer(make_model(), tx(), loss_fn=loss_fn).fit(make_batches(), max_steps=2)
-    assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
+    err = capsys.readouterr().err  # stderr is not a terminal under pytest: no bar by default
+    assert "step/s" not in err and "2/2" not in err
+    assert err.count("nnxloop: Training TinyNet") == 2  # the start lines are there
 
 
 def test_logging_and_multi_writer(caplog):
@@ -265,3 +267,37 @@ def test_progress_bar_on_a_terminal_that_reports_no_size(monkeypatch):
         os.close(leader)
     text = out.decode(errors="replace")
     assert "8/8" in text and "step/s" in text, repr(text[-300:])
+
+
+def test_a_run_says_what_it_trains_where_and_from_which_step(tmp_path, capsys):
+    def run(epochs):
+        callbacks = [
+            nl.CheckpointCallback(tmp_path / "ckpt"),
+            nl.MetricsLogger(tmp_path / "logs"),
+        ]
+        trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks)
+        trainer.fit(make_batches(), epochs=epochs)
+        return capsys.readouterr().err
+
+    err = run(1)
+    first = err.splitlines()[0]
+    assert first.startswith("nnxloop: Training TinyNet (195 parameters) from step 0 on 4 cpu")
+    assert "(mesh data=4)" in first
+    assert f"checkpoints in {tmp_path / 'ckpt'}" in first
+    assert f"logs to {tmp_path / 'logs'}" in first
+    table = err.split("nnxloop: Parameters:\n", 1)[1].splitlines()
+    assert table[0].split() == ["module", "parameters", "dtype", "layout"]
+    assert table[1:4] == [
+        "bn              32  float32  replicated",
+        "l1             112  float32  replicated",
+        "l2              51  float32  replicated",
+    ]
+    err = run(2)
+    assert "Resumed from step 12" in err and "from step 12 on" in err
+    assert "Training" not in run(2).replace("Training already finished", "")
+    # Quiet: the `nnxloop.run` logger.
+    logging.getLogger("nnxloop.run").setLevel(logging.WARNING)
+    try:
+        assert run(2) == ""
+    finally:
+        logging.getLogger("nnxloop.run").setLevel(logging.INFO)

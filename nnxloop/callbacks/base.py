@@ -69,6 +69,11 @@ class Callback:
         """
         return None
 
+    def describe(self) -> str | None:
+        """A few words for the line a run prints at its start (`"checkpoints in DIR"`), or
+        None (the default) to say nothing."""
+        return None
+
     @property
     def state_key(self) -> str:
         """The name this callback's `state_dict` is saved under in a checkpoint.

@@ -128,6 +128,9 @@ class BestModelCallback(MonitorCallback):
     def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         lock.release(self.store.directory)
 
+    def describe(self) -> str:
+        return f"best by {self.monitor} in {self.store.directory}"
+
     def on_train_end(self, trainer: TrainerView) -> None:
         try:
             self._restore_best(trainer)

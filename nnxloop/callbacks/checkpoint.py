@@ -112,6 +112,9 @@ class CheckpointCallback(Callback):
         if self.trigger.epoch_due(trainer.epoch):
             self._save(trainer)
 
+    def describe(self) -> str:
+        return f"checkpoints in {self.store.directory}"
+
     def on_train_end(self, trainer: TrainerView) -> None:
         self._save(trainer, final=True)
         trainer.wait_for_saves(self.store)

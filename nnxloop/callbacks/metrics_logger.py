@@ -10,9 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-from clu import parameter_overview
-from flax import nnx
 
+from nnxloop import summary
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import check_directory, paths
@@ -130,6 +129,11 @@ class MetricsLogger(Callback):
         self._background = [BackgroundWriter(w) for w in self.writers]
         return MultiWriter([*files, *self._background])
 
+    def describe(self) -> str:
+        sinks = [self.logdir] if self.logdir is not None else []
+        sinks += [type(w).__name__ for w in self.writers]
+        return f"logs to {', '.join(str(s) for s in sinks)}"
+
     def on_train_begin(self, trainer: TrainerView) -> None:
         # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
@@ -178,9 +182,7 @@ class MetricsLogger(Callback):
         }
         writer = self._writer_open()
         writer.write_hparams(hparams)
-        overview = parameter_overview.get_parameter_overview(
-            nnx.to_pure_dict(params), include_stats=False
-        )
+        overview = summary.parameter_table(params)
         writer.write_texts(trainer.step, {"parameters": f"```\n{overview}\n```"})
 
     def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
@@ -254,7 +256,8 @@ class MetricsLogger(Callback):
             with self._writing():
                 self._write_ready(wait=True)
                 self.writer.flush()
-        return {"writers": [_writer_state(w) for w in self.writers]}
+        # Only extra writers have state (an MLflow run id): a logger without them saves none.
+        return {"writers": [_writer_state(w) for w in self.writers]} if self.writers else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for writer, saved in zip(self.writers, state.get("writers", [])):

@@ -57,6 +57,9 @@ class ProfileCallback(Callback):
     def state_key(self) -> str:
         return f"ProfileCallback({self.logdir})"
 
+    def describe(self) -> str:
+        return f"profile of steps {self.start_step}-{self.last_step} in {self.logdir}"
+
     def on_train_begin(self, trainer: TrainerView) -> None:
         self._maybe_start(trainer, trainer.step)
 
