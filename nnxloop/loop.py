@@ -57,6 +57,11 @@ class FitRun:
         self.data_state: Any = None  # from a restored checkpoint, for the first epoch opened
         self.resumed = False
         self.boundaries = 0
+        # While `on_train_end` runs, model states callbacks load (restore-best) wait here,
+        # so that no callback's final save, wherever it stands, writes them as the training
+        # state; they are loaded once every callback's `on_train_end` has run.
+        self.ending = False
+        self.deferred_loads: list[tuple[Any, int]] = []
 
     # -- what the trainer asks of its running fit --------------------------------------------
 
@@ -92,7 +97,13 @@ class FitRun:
                 self._announce_start()
             self._train_loop()
             t.history.stopped_early = t.stop_training and not t.preempted
-            self.callbacks.call("on_train_end", t)
+            self.ending = True
+            try:
+                self.callbacks.call("on_train_end", t)
+            finally:
+                self.ending = False
+            for store, step in self.deferred_loads:
+                t.load_model_state(store, step)
 
     def _announce_start(self) -> None:
         """The run's start line and its parameters per top-level module (process 0, stderr),

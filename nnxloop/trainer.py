@@ -334,7 +334,11 @@ class Trainer:
         return restore_training(self, store)
 
     def load_model_state(self, store: CheckpointStore, step: int) -> None:
-        """Replaces the model's state with the one saved at `step` in `store`."""
+        """Replaces the model's state with the one saved at `step` in `store` (during
+        `on_train_end`: once every callback's `on_train_end` has run)."""
+        if self._run is not None and self._run.ending:
+            self._run.deferred_loads.append((store, step))
+            return
         abstract = self._engine.abstract_state()
         model_state, _ = store.restore(step, abstract[0])
         n_model = len(jax.tree.leaves(abstract[0]))

@@ -161,6 +161,38 @@ def test_best_model_max_mode_and_restore_on_train_end(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("best_first", [True, False])
+def test_restoring_the_best_weights_never_goes_into_the_final_checkpoint(best_first, tmp_path):
+    # The run ends at step 10, which no periodic save (every 4) wrote: the final save writes
+    # it. It must hold the weights trained to step 10, wherever the best-model callback stands
+    # in the list, while the trainer ends holding the best weights (step 4 here).
+    values = iter([0.1, 0.5])
+
+    class FakeEval(nl.Callback):
+        def on_eval_end(self, trainer, step, metrics):
+            metrics["val_score"] = next(values)
+
+    class LastWeights(nl.Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 10:
+                self.weights = leaves_of(trainer.model)
+
+    best = nl.BestModelCallback(
+        tmp_path / "best", monitor="val_score", mode="min", restore_on_train_end=True
+    )
+    ckpt = nl.CheckpointCallback(tmp_path / "ckpt", every_steps=4)
+    last = LastWeights()
+    order = [best, ckpt] if best_first else [ckpt, best]
+    trainer, _ = fit([FakeEval(), last, *order], max_steps=10, eval_every_steps=4)
+    assert best.best_step == 4 and steps_in(tmp_path / "ckpt")[-1] == 10
+    final = nl.load_model(tmp_path / "ckpt", make_model, step=10)
+    for a, b in zip(leaves_of(final), last.weights):
+        np.testing.assert_array_equal(a, b)
+    best_weights = nl.load_model(tmp_path / "best", make_model, step=4)
+    for a, b in zip(leaves_of(trainer.model), leaves_of(best_weights)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_best_state_survives_resume(tmp_path):
     ckpt_dir, best_dir = tmp_path / "ckpt", tmp_path / "best"
     fit(

@@ -145,7 +145,7 @@ class BestModelCallback(MonitorCallback):
         trainer.wait_for_saves()
         trainer.load_model_state(self.store, self.kept[0][0])
         log.info(
-            "Restored the best weights (step %d, %s=%g).", self.best_step, self.monitor, self.best
+            "Restoring the best weights (step %d, %s=%g).", self.best_step, self.monitor, self.best
         )
 
     def state_dict(self) -> dict[str, Any]:

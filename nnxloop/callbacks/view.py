@@ -125,5 +125,7 @@ class TrainerView(Protocol):
 
     def load_model_state(self, store: CheckpointStore, step: int) -> None:
         """Replaces the model's state (not the optimizer's, nor the progress) with the one
-        saved at `step` in `store`."""
+        saved at `step` in `store`. Called from `on_train_end`, it takes effect once every
+        callback's `on_train_end` has run, so a final checkpoint saved there, by a callback
+        before or after this one, holds the trained state and not the loaded one."""
         ...
