@@ -232,8 +232,14 @@ class FitRun:
     def _evaluate(self) -> dict[str, float]:
         t = self.trainer
         assert self.val_data is not None
-        batches = self._batches(evaluation_progress(self.val_data, self.show_progress))
-        metrics = {f"val_{k}": v for k, v in t.engine.evaluate(batches).items()}
+        # One set: `val_loss`, ...; named sets: `val_<name>_loss`, ... for each, in order.
+        val = self.val_data
+        sets = val.items() if isinstance(val, Mapping) else [("", val)]
+        metrics: dict[str, float] = {}
+        for name, data in sets:
+            prefix = f"val_{name}_" if name else "val_"
+            batches = self._batches(evaluation_progress(data, self.show_progress, name))
+            metrics.update({f"{prefix}{k}": v for k, v in t.engine.evaluate(batches).items()})
         t.history.evals.append({"step": t.step, **metrics})
         self.callbacks.call("on_eval_end", t, t.step, metrics)
         return metrics

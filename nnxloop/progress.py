@@ -20,9 +20,10 @@ def wanted(progress: bool | None) -> bool:
     return bool(progress)
 
 
-def evaluation_progress(batches: Iterable[Any], enabled: bool) -> Iterable[Any]:
-    """Wraps evaluation batches in a transient bar of their own."""
+def evaluation_progress(batches: Iterable[Any], enabled: bool, name: str = "") -> Iterable[Any]:
+    """Wraps evaluation batches in a transient bar of their own (named after the set)."""
     if not enabled:
         return batches
     total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc="evaluating", leave=False, unit="batch")
+    desc = f"evaluating {name}" if name else "evaluating"
+    return tqdm(batches, total=total, desc=desc, leave=False, unit="batch")

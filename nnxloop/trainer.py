@@ -403,8 +403,10 @@ class Trainer:
 
         Args:
             train_data: a re-iterable of batches (pytrees with the batch on axis 0).
-            val_data: evaluation batches; evaluated at each epoch end, or every
-                `eval_every_steps` steps when that is given.
+            val_data: evaluation batches, evaluated at each epoch end (or every
+                `eval_every_steps` steps) into `val_loss`, `val_accuracy`, ...; or a mapping
+                of names to such batches, each set evaluated in turn into
+                `val_<name>_loss`, ... (`{"ood": batches}` gives `val_ood_loss`).
             epochs: total epochs to train. Exactly one of `epochs` / `max_steps` is required.
             max_steps: total optimizer steps to train.
             eval_every_steps: evaluate every this many steps instead of at epoch ends.
@@ -422,6 +424,7 @@ class Trainer:
         positive_int("eval_every_steps", eval_every_steps, optional=True)
         if eval_every_steps is not None and val_data is None:
             raise ValueError("eval_every_steps was given without val_data to evaluate on.")
+        _check_val_sets(val_data)
         if val_data is not None and not self._can_evaluate():
             raise TypeError(self._no_eval_message())
         if epochs is not None and iter(train_data) is train_data:
@@ -555,3 +558,23 @@ def _total_steps(epochs: int | None, max_steps: int | None, length: int | None) 
     by_epochs = epochs * length if epochs is not None and length is not None else None
     known = [n for n in (max_steps, by_epochs) if n is not None]
     return min(known) if known else None
+
+
+def _check_val_sets(val_data: Any) -> None:
+    """A mapping of `val_data` must map names to sets of batches (not be one batch)."""
+    if not isinstance(val_data, Mapping):
+        return
+    if not val_data:
+        raise ValueError("val_data is an empty mapping; give it named sets of batches, or None.")
+    for name, data in val_data.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"val_data names become metric names (val_<name>_loss): {name!r} is not one; "
+                "use names like 'in_domain' or 'ood'."
+            )
+        if hasattr(data, "shape") or not isinstance(data, Iterable):
+            raise TypeError(
+                f"val_data[{name!r}] is {type(data).__name__}, not a set of batches: val_data "
+                "looks like a single batch. Pass a list of batches, or a mapping of names to "
+                "lists of batches."
+            )

@@ -142,3 +142,29 @@ def test_eval_every_steps_lands_on_requested_steps():
     )
     assert [e["step"] for e in history.evals] == [6, 12, 18]
     assert np.isfinite(history["val_loss"]).all()
+
+
+def test_several_validation_sets_are_named_in_every_metric():
+    sets = {"in_domain": make_batches(2, seed=1), "ood": make_batches(3, seed=2)}
+    early = nl.EarlyStopping(monitor="val_ood_loss", patience=100)
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=[early], progress=False)
+    history = trainer.fit(make_batches(), val_data=sets, epochs=2)
+    last = history.epochs[-1]
+    for name, data in sets.items():
+        expected = trainer.evaluate(data)  # plain names, as Keras's evaluate
+        assert last[f"val_{name}_loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert last[f"val_{name}_accuracy"] == pytest.approx(expected["accuracy"], rel=1e-6)
+    assert "val_loss" not in last
+    assert early.best == min(history["val_ood_loss"])  # a monitor watches any of them
+
+
+def test_a_single_batch_or_bad_names_as_val_data_say_what_to_pass():
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=False)
+    batch = make_batches(1)[0]
+    with pytest.raises(TypeError, match="looks like a single batch"):
+        trainer.fit(make_batches(), val_data=batch, max_steps=1)
+    with pytest.raises(ValueError, match="not one; use names like"):
+        trainer.fit(make_batches(), val_data={"in domain": make_batches(1)}, max_steps=1)
+    with pytest.raises(ValueError, match="empty mapping"):
+        trainer.fit(make_batches(), val_data={}, max_steps=1)
+    assert trainer.step == 0
