@@ -198,8 +198,15 @@ class MultiWriter(MetricWriter):
             w.flush()
 
     def close(self):
+        """Closes every writer, also when one fails; then raises the first failure."""
+        first: BaseException | None = None
         for w in self.writers:
-            w.close()
+            try:
+                w.close()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 class BackgroundWriter(MetricWriter):
@@ -397,11 +404,15 @@ class MLflowWriter(MetricWriter):
 
         run_id = self._run()
         existing = self._client.get_run(run_id).data.params
+        # MLflow takes at most 100 params per call and keys of at most 250 characters (a
+        # longer one is left out); values are cut to its 6000-character limit.
         params = [
-            Param(str(k), str(v)[:6000]) for k, v in hparams.items() if str(k) not in existing
+            Param(str(k), str(v)[:6000])
+            for k, v in hparams.items()
+            if str(k) not in existing and len(str(k)) <= 250
         ]
-        if params:
-            self._client.log_batch(run_id, params=params)
+        for i in range(0, len(params), 100):
+            self._client.log_batch(run_id, params=params[i : i + 100])
 
     def write_texts(self, step, texts):
         run_id = self._run()

@@ -29,7 +29,9 @@ class BestModelCallback(MonitorCallback):
         monitor: the evaluation metric to rank by, e.g. `"val_loss"` or `"val_accuracy"`.
         mode: `"min"` if lower is better, `"max"` if higher is better.
         max_to_keep: how many of the best checkpoints to keep.
-        restore_on_train_end: load the best weights into `trainer.model` when `fit` ends.
+        restore_on_train_end: load the best weights into `trainer.model` when `fit` ends
+            (after every callback's `on_train_end`, so a final checkpoint holds the trained
+            weights; a callback that needs the best weights reads them after `fit`).
 
     Example:
         ```python

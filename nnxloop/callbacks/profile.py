@@ -46,12 +46,18 @@ class ProfileCallback(Callback):
     def __init__(self, logdir: str | os.PathLike[str], *, start_step: int = 10, num_steps: int = 5):
         positive_int("start_step", start_step)
         positive_int("num_steps", num_steps)
+        if "://" in os.fspath(logdir):
+            raise ValueError(
+                f"ProfileCallback writes its trace to a local directory, not {logdir}: pass "
+                "a local path (and copy the trace to a bucket afterwards if you need it there)."
+            )
         self.logdir = os.path.abspath(os.fspath(logdir))
         self.start_step = start_step
         self.last_step = start_step + num_steps - 1
         self._tracing = False
         self._done = False
         self._annotation: Any = None
+        self._begun = False
 
     @property
     def state_key(self) -> str:
@@ -61,7 +67,14 @@ class ProfileCallback(Callback):
         return f"profile of steps {self.start_step}-{self.last_step} in {self.logdir}"
 
     def on_train_begin(self, trainer: TrainerView) -> None:
-        self._maybe_start(trainer, trainer.step)
+        self._begun = False
+
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
+        # The first epoch begin of a fit comes after any checkpoint restore (whatever the
+        # order of the callbacks), so the step is the one training resumes from.
+        if not self._begun:
+            self._begun = True
+            self._maybe_start(trainer, trainer.step)
 
     def on_step_end(self, trainer: TrainerView, step: int, logs: Logs) -> None:
         if not trainer.state_is_current:  # not the last step of its dispatch

@@ -53,11 +53,23 @@ class _Holding:
 
     def _refresh(self) -> None:
         while not self.stop.wait(REFRESH_EVERY):
-            with contextlib.suppress(OSError):  # a vanished directory fails the next save
-                if paths.is_remote(self.path):
-                    _write_remote(self.path, self.me)
-                else:
+            with contextlib.suppress(OSError, CheckpointError):  # the next save fails instead
+                if not paths.is_remote(self.path):
                     os.utime(self.path)
+                elif _ours(self.path, self.me):
+                    _write_remote(self.path, self.me)
+                else:  # in a bucket, another run wrote its lock over ours at the same time
+                    log.warning(
+                        "The lock %s now names another run: two runs may be writing this "
+                        "bucket directory. Stop one of them.",
+                        self.path,
+                    )
+                    return
+
+
+def _ours(path: str, me: dict[str, Any]) -> bool:
+    found = _read_remote(path)
+    return found is not None and {k: found[0].get(k) for k in me} == me
 
 
 def _write_remote(path: str, me: dict[str, Any]) -> None:
@@ -70,12 +82,23 @@ def _read_remote(path: str) -> tuple[dict[str, Any], float] | None:
         holder = json.loads(target.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {}, 0.0
+    except ValueError:  # cut short or not nnxloop's: judged by its age alone
+        return {}, _age_time(target)
+    except OSError as exc:  # the bucket could not be read: never count a lock as gone then
+        raise CheckpointError(
+            f"Could not read the lock {path} ({exc}); try again, or check access to the bucket."
+        ) from exc
     refreshed = holder.get("refreshed") if isinstance(holder, dict) else None
     if not isinstance(holder, dict) or not isinstance(refreshed, int | float):
-        return {}, 0.0
+        return {}, _age_time(target)
     return holder, float(refreshed)
+
+
+def _age_time(target: Any) -> float:
+    try:
+        return float(target.stat().mtime)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
 
 
 def _alive_here(pid: int) -> bool:
@@ -104,7 +127,9 @@ def _read(path: str) -> tuple[dict[str, Any], float] | None:
 def _is_live(holder: dict[str, Any], mtime: float) -> bool:
     host, pid = holder.get("host"), holder.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
-        return _alive_here(pid)
+        # This very process does not hold it (`_held` says so): it names a run before a
+        # restart (a container often gets the same host name and PID again).
+        return pid != os.getpid() and _alive_here(pid)
     return time.time() - mtime < STALE_AFTER
 
 
@@ -196,4 +221,9 @@ def release(directory: str) -> None:
             return
         del _held[directory]
         holding.stop.set()
-        _remove(holding.path)
+        if paths.is_remote(holding.path):
+            with contextlib.suppress(OSError, CheckpointError):
+                if _ours(holding.path, holding.me):  # never another run's lock
+                    _remove(holding.path)
+        else:
+            _remove(holding.path)

@@ -228,7 +228,15 @@ def _unreadable_arrays(step_dir: str) -> str | None:
         item_dir = _join(step_dir, item)
         if not _is_dir(item_dir):
             continue
-        base = item_dir + "/" if paths.is_remote(item_dir) else f"file://{item_dir}/"
+        # A spec, not a file:// URL: a local path may hold '#', '%' or '?'.
+        base: Any = (
+            item_dir + "/"
+            if paths.is_remote(item_dir)
+            else {
+                "driver": "file",
+                "path": item_dir + os.sep,
+            }
+        )
         try:
             spec: Any = base
             if _uses_ocdbt(item_dir):

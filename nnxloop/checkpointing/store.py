@@ -188,7 +188,12 @@ class CheckpointStore:
 
     def has_step(self, step: int) -> bool:
         """Whether a committed checkpoint of `step` is on disk (no orbax state is touched)."""
-        return (self.path / str(step)).is_dir()
+        step_dir = self.path / str(step)
+        if paths.is_remote(self.directory):
+            # In a bucket orbax writes a step in place and commits it with a marker written
+            # last: a step directory alone may be a save that never finished.
+            return (step_dir / "commit_success.txt").exists()
+        return step_dir.is_dir()
 
     def save(
         self,
