@@ -21,6 +21,7 @@ from nnxloop.checkpointing import (
     path_shapes,
     paths,
 )
+from nnxloop.tree_paths import key_parts
 
 log = logging.getLogger("nnxloop")
 
@@ -79,21 +80,6 @@ def _read_model_state(store: CheckpointStore, step: int, abstract_state: Any) ->
     return state
 
 
-def _key_parts(path: Any) -> tuple[str, ...]:
-    """A leaf path with every key as a string: how the model's state tree and the tree orbax
-    saved it as name the same leaf (`['layers'][0]['kernel'].value` and
-    `layers/'0'/kernel/value`)."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return tuple(parts)
-
-
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -108,13 +94,13 @@ def _matching_state(
         raise ValueError(f"its meta says step {meta.get('step')!r}, its directory says {step}")
     saved_tree = store.restore_model_as_saved(step, _one_device())
     saved = {
-        _key_parts(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
+        key_parts(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
     }
     state = nnx.state(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     leaves, skipped, used = [], [], set()
     for path, leaf in flat:
-        name, parts = jax.tree_util.keystr(path), _key_parts(path)
+        name, parts = jax.tree_util.keystr(path), key_parts(path)
         value = saved.get(parts)
         if value is not None and _is_key(leaf) and value.dtype == jnp.uint32:
             value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))

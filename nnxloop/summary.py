@@ -14,6 +14,8 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from nnxloop.tree_paths import key_parts
+
 
 def parameter_table(params: nnx.State) -> str:
     """Every parameter with its shape, dtype and size (clu's overview), as text."""
@@ -22,14 +24,6 @@ def parameter_table(params: nnx.State) -> str:
 
 def count(params: nnx.State) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-
-def _top(path: Any) -> str:
-    entry = path[0]
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
 
 
 def _layout(spec: Any) -> str:
@@ -46,7 +40,7 @@ def module_table(params: nnx.State) -> str:
     )
     rows: dict[str, list[Any]] = collections.OrderedDict()
     for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0], spec_leaves):
-        row = rows.setdefault(_top(path), [0, set(), set()])
+        row = rows.setdefault(key_parts(path)[0], [0, set(), set()])
         row[0] += math.prod(leaf.shape)
         row[1].add(str(leaf.dtype))
         row[2].add(_layout(spec))

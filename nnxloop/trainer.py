@@ -24,6 +24,7 @@ from nnxloop.metrics import Accumulation, PendingTotals
 from nnxloop.progress import wanted
 from nnxloop.saving import SaveCoordinator
 from nnxloop.training_checkpoint import restore_training
+from nnxloop.tree_paths import key_parts
 
 log = logging.getLogger("nnxloop")
 
@@ -255,8 +256,8 @@ class Trainer:
         """Where the optimizer state's injected learning rate is among the engine's leaves."""
         state = self._engine.state()  # (model state, optimizer state): its leaves in order
         for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
-            keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-            if keys[0] == 1 and "hyperparams" in keys and "learning_rate" in keys:
+            keys = key_parts(path)
+            if keys[0] == "1" and "hyperparams" in keys and "learning_rate" in keys:
                 return i
         return None
 

@@ -218,3 +218,17 @@ def test_verify_reads_every_array_and_names_the_damaged_step(run, capsys, tmp_pa
     assert re.search(r"unreadable \(the model arrays do not read: \w+", listed[8][0]), listed[8][0]
     assert [listed[s][0].split()[-1] for s in (4, 12)] == ["complete", "complete"]
     assert "step 8" in err and "--verify" in err
+
+
+def test_verify_reads_steps_in_a_directory_with_url_characters(tmp_path, capsys):
+    directory = tmp_path / "run #3 50%?" / "ckpt"
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[nl.CheckpointCallback(directory, every_steps=2)],
+        progress=False,
+    )
+    trainer.fit(make_batches(4), max_steps=4)
+    assert cli.main(["inspect", str(directory), "--verify"]) == 0
+    assert "2 complete of 2" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import pytest
 from conftest import loss_fn, make_batches, make_model, subprocess_env, tx
 
 import nnxloop as nl
+from nnxloop.checkpointing import lock
 
 
 def read_jsonl_steps(logdir):
@@ -450,3 +451,17 @@ def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tmp_path):
     names = os.listdir(tmp_path / "c")
     assert "4" in names and not [n for n in names if "tmp" in n]
     assert trainer.step == 4
+
+
+def test_a_lock_naming_this_process_but_not_held_by_it_is_taken_over(tmp_path, caplog):
+    # A restarted container often gets the same host name and PID as the run that held the
+    # lock before it was killed; that holder is gone, since this process does not hold it.
+    (tmp_path / lock.LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0})
+    )
+    lock.acquire(str(tmp_path))
+    try:
+        assert "Taking over the lock" in caplog.text
+    finally:
+        lock.release(str(tmp_path))
+    assert not (tmp_path / lock.LOCK_FILE).exists()

@@ -47,3 +47,25 @@ def test_the_trace_holds_the_asked_steps_annotated(k, tmp_path):
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="num_steps"):
         nl.ProfileCallback("logs", num_steps=0)
+
+
+def test_a_profile_placed_before_the_checkpoint_callback_decides_after_the_resume(tmp_path):
+    def run(max_steps, logs):
+        profile = nl.ProfileCallback(logs, start_step=1, num_steps=2)
+        ckpt = nl.CheckpointCallback(tmp_path / "ckpt", every_steps=5)
+        trainer = nl.Trainer(
+            make_model(), tx(), loss_fn=loss_fn, callbacks=[profile, ckpt], progress=False
+        )
+        trainer.fit(make_batches(), max_steps=max_steps)
+
+    run(5, tmp_path / "first")
+    assert traced_steps(tmp_path / "first")[0] == {1, 2}
+    # The rerun resumes at step 5, past the window: it traces nothing (not its restore as
+    # "step 1").
+    run(12, tmp_path / "second")
+    assert traced_steps(tmp_path / "second")[0] == set()
+
+
+def test_a_profile_to_a_url_is_refused():
+    with pytest.raises(ValueError, match="local directory"):
+        nl.ProfileCallback("gs://bucket/logs")

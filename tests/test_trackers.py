@@ -10,7 +10,7 @@ from kill_and_rerun import TIMEOUT
 from kill_and_rerun import subprocess_env as env_for
 
 import nnxloop as nl
-from nnxloop.writers import BackgroundWriter, MetricWriter
+from nnxloop.writers import BackgroundWriter, MetricWriter, MultiWriter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 24  # 12 batches, 2 epochs
@@ -140,3 +140,35 @@ def test_a_failing_writer_is_reported_once_and_training_goes_on(tmp_path, caplog
     assert caplog.text.count("Broken failed") == 1 and "unreachable" in caplog.text
     lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # the files have every line
+
+
+def test_mlflow_takes_more_than_a_hundred_hyperparameters(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    writer = nl.writers.MLflowWriter(tracking_uri=uri)
+    hparams = {f"h{i}": i for i in range(150)}
+    hparams["k" * 300] = "a key longer than MLflow's limit"
+    writer.write_hparams(hparams)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.close()
+    run = MlflowClient(tracking_uri=uri).get_run(writer.run_id)
+    assert all(run.data.params[f"h{i}"] == str(i) for i in range(150))
+    assert [m for m in run.data.metrics] == ["loss"]
+
+
+def test_every_writer_is_closed_when_one_fails_to_close():
+    class Failing(MetricWriter):
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    class Recording(MetricWriter):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    recording = Recording()
+    with pytest.raises(OSError, match="No space"):
+        MultiWriter([Failing(), recording]).close()
+    assert recording.closed

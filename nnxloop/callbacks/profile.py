@@ -10,6 +10,7 @@ import jax
 
 from nnxloop.callbacks.base import Callback, Logs
 from nnxloop.callbacks.view import TrainerView
+from nnxloop.checkpointing import paths
 from nnxloop.checks import positive_int
 
 log = logging.getLogger("nnxloop")
@@ -46,7 +47,7 @@ class ProfileCallback(Callback):
     def __init__(self, logdir: str | os.PathLike[str], *, start_step: int = 10, num_steps: int = 5):
         positive_int("start_step", start_step)
         positive_int("num_steps", num_steps)
-        if "://" in os.fspath(logdir):
+        if paths.is_remote(logdir):
             raise ValueError(
                 f"ProfileCallback writes its trace to a local directory, not {logdir}: pass "
                 "a local path (and copy the trace to a bucket afterwards if you need it there)."
