@@ -23,8 +23,11 @@ def data_axis_size(mesh: Mesh) -> int:
     return mesh.shape.get(DATA_AXIS, 1)
 
 
-def batch_size(batch: Any, mesh: Mesh) -> int:
+def batch_size(batch: Any, mesh: Mesh, *, grouped: bool = False) -> int:
     """The leading size shared by every leaf of `batch`, checked against the data axis.
+
+    `grouped`: `batch` is the micro-batches of one accumulated update stacked on a leading
+    axis (`[N, b, ...]`); their batch axis is checked and `N * b` returned.
 
     Raises:
         ValueError: the leaves disagree on their leading size, a leaf has no batch axis, or the
@@ -33,7 +36,8 @@ def batch_size(batch: Any, mesh: Mesh) -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves:
         raise ValueError("A batch has no arrays in it; each batch must be a pytree of arrays.")
-    shapes = [np.shape(leaf) for leaf in leaves]
+    axis = int(grouped)
+    shapes = [np.shape(leaf)[axis:] for leaf in leaves]
     size = shapes[0][0] if shapes[0] else None
     if any(not shape or shape[0] != size for shape in shapes):
         _raise_batch_mismatch(batch)
@@ -45,7 +49,7 @@ def batch_size(batch: Any, mesh: Mesh) -> int:
             f"'{DATA_AXIS}' axis; use a batch size that divides by {n} (drop or pad the last "
             "batch)."
         )
-    return size
+    return size * np.shape(leaves[0])[0] if grouped else size
 
 
 def local_data_axis_size(mesh: Mesh) -> int:
@@ -65,14 +69,15 @@ def _raise_batch_mismatch(batch: Any) -> None:
     )
 
 
-def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
-    """Sharding of a batch leaf: axis 0 (axis 1 when stacked for a scan) along `data`."""
+def batch_sharding(mesh: Mesh, *, stacked: bool = False, grouped: bool = False) -> NamedSharding:
+    """Sharding of a batch leaf: its batch axis along `data`. That is axis 0, after one
+    leading axis when stacked for a scan over steps and one when grouped into the
+    micro-batches of an accumulated update."""
     axis = DATA_AXIS if DATA_AXIS in mesh.shape else None
-    spec = PartitionSpec(None, axis) if stacked else PartitionSpec(axis)
-    return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, PartitionSpec(*[None] * (stacked + grouped), axis))
 
 
-def prepare(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
+def prepare(batch: Any, mesh: Mesh, *, stacked: bool = False, grouped: bool = False) -> Any:
     """`batch` ready for a jitted call whose batch input is sharded along `data`.
 
     In one process, NumPy leaves pass through (the call shards them as it copies them in,
@@ -80,7 +85,7 @@ def prepare(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     the batch sharding. With several processes, each passes its share of the batch, and the
     global array is assembled from the shares.
     """
-    sharding = batch_sharding(mesh, stacked=stacked)
+    sharding = batch_sharding(mesh, stacked=stacked, grouped=grouped)
     if jax.process_count() > 1:
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch

@@ -194,8 +194,10 @@ class StepEngine:
         eval_step: Callable[..., Any],
         predict_step: Callable[..., Any],
         step_seed: int = 0,
+        grouped: bool = False,
     ):
         self.model = model
+        self.grouped = grouped  # each training batch is the micro-batches of one update
         self.optimizer = optimizer
         self.mesh = mesh
         self._train_step = train_step
@@ -382,14 +384,14 @@ class StepEngine:
         return self._compiled(
             ("host", stacked),
             lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
-            data_lib.batch_sharding(self.mesh, stacked=stacked),
+            data_lib.batch_sharding(self.mesh, stacked=stacked, grouped=self.grouped),
         )
 
     def _staged_fn(self, steps: int):
         return self._compiled(
             ("staged", steps),
             lambda leaves, acc, data, start: self._staged_impl(leaves, acc, data, start, steps),
-            data_lib.batch_sharding(self.mesh, stacked=True),
+            data_lib.batch_sharding(self.mesh, stacked=True, grouped=self.grouped),
             self._replicated,
         )
 
@@ -417,6 +419,15 @@ class StepEngine:
         if cache_size and cache_size() != compiled:
             self._compiled_for(batch, stacked)
         return acc, metrics
+
+    def memory_analysis(self, batch: Any) -> Any:
+        """XLA's memory analysis of the compiled training step for batches like `batch` (with
+        gradient accumulation, the micro-batches of one update stacked on a leading axis):
+        argument, output, alias and temporary sizes in bytes. Compiles, runs nothing."""
+        acc = self.zero_accumulator(batch)
+        with jax.set_mesh(self.mesh):
+            lowered = self._train_fn(False).lower(self._abstract_leaves(), acc, batch)
+        return lowered.compile().memory_analysis()
 
     def _compiled_for(self, batch: Any, stacked: bool) -> None:
         """Notes that the step was compiled for `batch`'s shapes; warns once when a third

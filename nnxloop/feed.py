@@ -54,42 +54,119 @@ def _same_shapes(batches: list[Any]) -> bool:
     return all(_layout(b) == first for b in batches[1:])
 
 
-def host_dispatches(batches: list[Any], k: int, mesh: Mesh) -> list[Dispatch]:
+def host_dispatches(
+    batches: list[Any], k: int, mesh: Mesh, *, grouped: bool = False
+) -> list[Dispatch]:
     """Dispatches for batches pulled on the host: one K-step scan when there are exactly K
-    (K > 1) alike batches, else one single step per batch."""
-    sizes = [data_lib.batch_size(b, mesh) for b in batches]
+    (K > 1) alike batches, else one single step per batch. `grouped`: each batch is the
+    stacked micro-batches of one accumulated update."""
+    sizes = [data_lib.batch_size(b, mesh, grouped=grouped) for b in batches]
     if len(batches) == k > 1 and _same_shapes(batches):
 
         def run_stacked(engine, acc):
-            stacked = data_lib.prepare(data_lib.stack(batches), mesh, stacked=True)
+            stacked = data_lib.stack(batches)
+            stacked = data_lib.prepare(stacked, mesh, stacked=True, grouped=grouped)
             return engine.train(acc, stacked, stacked=True)
 
         return [Dispatch(run_stacked, sizes, True, batches[0])]
 
     def single(batch):
         def run(engine, acc):
-            return engine.train(acc, data_lib.prepare(batch, mesh), stacked=False)
+            return engine.train(acc, data_lib.prepare(batch, mesh, grouped=grouped), stacked=False)
 
         return run
 
     return [Dispatch(single(b), [s], False, b) for b, s in zip(batches, sizes)]
 
 
+class Remainder:
+    """Warns once per `fit` that batches at an epoch's end were left out of every update."""
+
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.warned = False
+
+    def __call__(self, left: int) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning(
+                "An epoch ended with %d batch%s, too few for an update of "
+                "gradient_accumulation_steps=%d: %s left out (in every epoch that ends so). "
+                "Use a number of batches per epoch that divides by %d to train on all of them.",
+                left,
+                "" if left == 1 else "es",
+                self.groups,
+                "it is" if left == 1 else "they are",
+                self.groups,
+            )
+
+
+def group(batches: list[Any]) -> Any:
+    """The micro-batches of one accumulated update, stacked on a new leading axis.
+
+    Raises:
+        ValueError: they differ in structure, shapes or dtypes (says how to fix it).
+    """
+    if not _same_shapes(batches):
+        raise ValueError(
+            "The batches of one accumulated update differ in structure, shape or dtype (with "
+            f"gradient_accumulation_steps={len(batches)}, each update stacks that many "
+            "consecutive batches): give every batch the same shape, e.g. drop the last partial "
+            "batch (grain's .batch(n, drop_remainder=True))."
+        )
+    return data_lib.stack(batches)
+
+
+class GroupedIterator:
+    """Consecutive groups of `n` batches of `iterator`, each stacked by `group`: the batches
+    of one update with `gradient_accumulation_steps=n`. Ends when fewer than `n` are left
+    (reported to `remainder`). Has `get_state` / `set_state` when `iterator` has them: taken
+    between groups, the inner state is on a group boundary."""
+
+    def __init__(self, iterator: Any, n: int, remainder: Remainder):
+        self.inner = iterator
+        self.n = n
+        self.remainder = remainder
+        for name in ("get_state", "set_state"):
+            method = getattr(iterator, name, None)
+            if callable(method):
+                setattr(self, name, method)
+
+    def __iter__(self) -> GroupedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batches = []
+        for _ in range(self.n):
+            try:
+                batches.append(next(self.inner))
+            except StopIteration:
+                if batches:
+                    self.remainder(len(batches))
+                raise
+        return group(batches)
+
+
 class IteratorFeed:
     """Pulls each epoch's batches from a new iterator over `train_data`, only as they are used,
     so the iterator's position (and its checkpointed state) always matches the steps done."""
 
-    def __init__(self, train_data: Iterable[Any], mesh: Mesh):
+    def __init__(self, train_data: Iterable[Any], mesh: Mesh, remainder: Remainder):
         self.data = train_data
         self._mesh = mesh
+        groups = self._groups = remainder.groups
+        self._remainder = remainder
         self.iterator: Any = None
-        self.length = _length(train_data)
+        length = _length(train_data)
+        self.length = length // groups if length is not None else None
 
     def changed(self) -> bool:
         return False  # a new iterator each epoch sees the data as it is then
 
     def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
         self.iterator = iter(self.data)
+        if self._groups > 1:
+            self.iterator = GroupedIterator(self.iterator, self._groups, self._remainder)
         if not position:
             return
         set_state = getattr(self.iterator, "set_state", None)
@@ -113,7 +190,8 @@ class IteratorFeed:
                 batches.append(next(self.iterator))
             except StopIteration:
                 break
-        return host_dispatches(batches, k, self._mesh) if batches else []
+        grouped = self._groups > 1
+        return host_dispatches(batches, k, self._mesh, grouped=grouped) if batches else []
 
 
 class StagedFeed:
@@ -130,11 +208,16 @@ class StagedFeed:
     are passed from the host as usual. Built by `stage`.
     """
 
-    def __init__(self, train_data: Any, count: int, k: int, mesh: Mesh):
+    def __init__(self, train_data: Any, count: int, k: int, mesh: Mesh, remainder: Remainder):
         self.data = train_data
-        batches = self._originals = list(train_data)
+        self._originals = list(train_data)
+        batches = self._originals
+        self._grouped = remainder.groups > 1
+        if self._grouped:
+            batches = _groups_of(batches, remainder)
+            count //= remainder.groups
         self._count = count
-        self._size = data_lib.batch_size(batches[0], mesh)
+        self._size = data_lib.batch_size(batches[0], mesh, grouped=self._grouped)
         self._mesh = mesh
         self._cursor = 0
         self.iterator = None  # no iterator state: the position alone says where an epoch is
@@ -143,12 +226,13 @@ class StagedFeed:
         self._arrays = None
         if k > 1:
             stacked = data_lib.stack(batches[:count])  # a new array: the batches are read now
-            self._arrays = jax.device_put(stacked, data_lib.batch_sharding(mesh, stacked=True))
+            sharding = data_lib.batch_sharding(mesh, stacked=True, grouped=self._grouped)
+            self._arrays = jax.device_put(stacked, sharding)
             self._sample = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), self._arrays
             )
         else:
-            sharding = data_lib.batch_sharding(mesh)
+            sharding = data_lib.batch_sharding(mesh, grouped=self._grouped)
             self._batches = [
                 jax.device_put(jax.tree.map(_own, b), sharding) if i < count else b
                 for i, b in enumerate(batches)
@@ -182,7 +266,17 @@ class StagedFeed:
                 return engine.train(acc, batch, stacked=False)
 
             return [Dispatch(run_single, [self._size], False, batch)]
-        return host_dispatches(self._batches[start:end], k, self._mesh)
+        return host_dispatches(self._batches[start:end], k, self._mesh, grouped=self._grouped)
+
+
+def _groups_of(batches: list[Any], remainder: Remainder) -> list[Any]:
+    """`batches` cut into stacked groups of `remainder.groups` (see `group`); batches left
+    over are left out, reported to `remainder`."""
+    n = remainder.groups
+    whole = len(batches) - len(batches) % n
+    if whole < len(batches):
+        remainder(len(batches) - whole)
+    return [group(batches[i : i + n]) for i in range(0, whole, n)]
 
 
 def _length(train_data: Any) -> int | None:
@@ -240,7 +334,9 @@ def _leading_alike(batches: list[Any]) -> int:
     return n
 
 
-def stage(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> StagedFeed | None:
+def stage(
+    train_data: Any, mesh: Mesh, mode: bool | None, k: int, remainder: Remainder
+) -> StagedFeed | None:
     """A `StagedFeed` for `train_data` when `mode` asks for one (None: when it fits the
     automatic limit), else None.
 
@@ -263,9 +359,26 @@ def stage(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> StagedFeed 
     count = _leading_alike(batches)
     if mode is None and count < 2:
         return None
-    return StagedFeed(train_data, count, k, mesh)
+    if count < remainder.groups:
+        return None  # not one whole update of alike batches to stage
+    return StagedFeed(train_data, count, k, mesh, remainder)
 
 
-def for_fit(train_data: Any, mesh: Mesh, mode: bool | None, k: int) -> IteratorFeed | StagedFeed:
-    """The feed of one `fit` call with `steps_per_dispatch=k`."""
-    return stage(train_data, mesh, mode, k) or IteratorFeed(train_data, mesh)
+def for_fit(
+    train_data: Any, mesh: Mesh, mode: bool | None, k: int, remainder: Remainder | None = None
+) -> IteratorFeed | StagedFeed:
+    """The feed of one `fit` call with `steps_per_dispatch=k`; with a `remainder` of more
+    than one group, each step is one accumulated update of that many batches.
+
+    Raises:
+        ValueError: the data has fewer batches than one accumulated update.
+    """
+    remainder = remainder or Remainder(1)
+    length = _length(train_data)
+    if length is not None and length < remainder.groups:
+        raise ValueError(
+            f"train_data has {length} batch{'' if length == 1 else 'es'}, fewer than one update "
+            f"of gradient_accumulation_steps={remainder.groups} needs: pass more batches or "
+            "accumulate over fewer."
+        )
+    return stage(train_data, mesh, mode, k, remainder) or IteratorFeed(train_data, mesh, remainder)

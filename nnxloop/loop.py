@@ -48,9 +48,8 @@ class FitRun:
         self.callbacks = callbacks
         self.show_progress = show_progress
         self._batches = batches  # evaluation batches, checked and placed on the mesh
-        self.feed = feed.for_fit(
-            train_data, trainer.mesh, trainer.stage_data, trainer.steps_per_dispatch
-        )
+        self.remainder = feed.Remainder(trainer.gradient_accumulation_steps)
+        self.feed = self._feed(train_data)
         self.metrics = Accumulation()
         self.preemption = PreemptionWatcher()
         self.iterator: Any = None
@@ -62,6 +61,10 @@ class FitRun:
         # state; they are loaded once every callback's `on_train_end` has run.
         self.ending = False
         self.deferred_loads: list[tuple[Any, int]] = []
+
+    def _feed(self, train_data: Iterable[Any]) -> feed.IteratorFeed | feed.StagedFeed:
+        t = self.trainer
+        return feed.for_fit(train_data, t.mesh, t.stage_data, t.steps_per_dispatch, self.remainder)
 
     # -- what the trainer asks of its running fit --------------------------------------------
 
@@ -142,7 +145,7 @@ class FitRun:
         state, self.data_state = self.data_state, None
         self.resumed, resumed = False, self.resumed
         if self.feed.changed():  # the list was reordered or its batches replaced: stage anew
-            self.feed = feed.for_fit(self.feed.data, t.mesh, t.stage_data, t.steps_per_dispatch)
+            self.feed = self._feed(self.feed.data)
         self.feed.open(t.position, state, resumed, t.epoch)
         self.iterator = self.feed.iterator
 

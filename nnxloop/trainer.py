@@ -18,6 +18,7 @@ from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
 from nnxloop.engine import StepEngine, partition_specs
+from nnxloop.feed import group
 from nnxloop.history import History
 from nnxloop.loop import FitRun
 from nnxloop.metrics import Accumulation, PendingTotals
@@ -81,6 +82,15 @@ class Trainer:
             cannot); `False` never. A list that holds other batches at an epoch start
             (shuffled in `on_epoch_begin`, say) is staged anew; arrays changed in place
             during `fit` are not reliably seen, so treat them as read-only while it runs.
+        gradient_accumulation_steps: each optimizer update averages the gradients of this
+            many consecutive batches (micro-batches), computed one after another inside the
+            compiled step (a `jax.lax.scan`), so only one micro-batch's activations are in
+            memory at a time. `trainer.step`, `max_steps`, `eval_every_steps`, saves, logs
+            and stops all count updates; training metrics are means over the micro-batches.
+            The micro-batches of an update must be alike in shape; an epoch's last few
+            batches that do not fill an update are left out (one warning says so). Needs
+            the default `train_step` (override `loss_fn` instead, or use
+            `optax.MultiSteps`, which counts micro-batches as steps).
 
     Example:
         ```python
@@ -102,6 +112,7 @@ class Trainer:
         progress: bool | None = None,
         seed: int | None = None,
         stage_data: bool | None = None,
+        gradient_accumulation_steps: int = 1,
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
@@ -109,6 +120,14 @@ class Trainer:
             raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
         positive_int("steps_per_dispatch", steps_per_dispatch)
         positive_int("log_every_steps", log_every_steps)
+        positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+        if gradient_accumulation_steps > 1 and _overrides(self, "train_step"):
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps} needs the default "
+                f"train_step, but {type(self).__name__} overrides it: override loss_fn instead, "
+                "accumulate inside your train_step, or wrap the optimizer in optax.MultiSteps "
+                "(each batch is then a step)."
+            )
         if stage_data not in (None, True, False):
             raise ValueError(f"stage_data must be None, True or False, got {stage_data!r}.")
         if loss_fn is not None and not callable(loss_fn):
@@ -124,6 +143,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else data_lib.default_mesh()
         self.callbacks = CallbackList(callbacks)
         self.steps_per_dispatch = steps_per_dispatch
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self.stage_data = stage_data
         self.log_every_steps = log_every_steps
         self.progress = progress
@@ -138,10 +158,13 @@ class Trainer:
                 model,
                 self._optimizer,
                 self.mesh,
-                train_step=self.train_step,
+                train_step=(
+                    self._accumulated_step if gradient_accumulation_steps > 1 else self.train_step
+                ),
                 eval_step=self.eval_step,
                 predict_step=self.predict_step,
                 step_seed=seed if seed is not None else 0,
+                grouped=gradient_accumulation_steps > 1,
             )
         self.step = 0
         self.epoch = 0
@@ -198,6 +221,35 @@ class Trainer:
         (value, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
         optimizer.update(model, grads)
         return {"loss": value, **metrics}
+
+    def _accumulated_step(self, model: nnx.Module, optimizer: nnx.Optimizer, group: Any) -> Any:
+        """One update from the micro-batches stacked on `group`'s leading axis: a scan that
+        sums each one's gradients of `loss_fn` (the model's other state, batch statistics and
+        RNG counts, carried from one to the next), then one update with their mean. Metrics
+        are the micro-batches' means."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        n = jax.tree.leaves(group)[0].shape[0]
+
+        def micro(carry, batch):
+            rest, total = carry
+
+            def loss(params, rest):
+                # Fresh variables: those of `rest` belong to the scan body's trace.
+                inner = nnx.merge(graphdef, params, rest, copy=True)
+                value, metrics = split_loss(self.loss_fn(inner, batch))
+                metrics = jax.tree.map(jnp.asarray, {"loss": value, **metrics})
+                # Each micro-batch's share of the mean: the sum over them is the update's
+                # gradient, with no buffer for a division after.
+                return value / n, (metrics, nnx.split(inner, nnx.Param, ...)[2])
+
+            (_, (metrics, rest)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest)
+            return (rest, jax.tree.map(jnp.add, total, grads)), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (rest, total), metrics = jax.lax.scan(micro, (rest, zeros), group)
+        nnx.update(model, rest)
+        optimizer.update(model, total)
+        return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     def eval_step(self, model: nnx.Module, batch: Any) -> Any:
         """Metrics of `model` (in eval mode) on one batch; by default `loss_fn`'s loss and metrics.
@@ -542,6 +594,26 @@ class Trainer:
         if self._run is None:
             self._engine.load_from_objects()
         return self._engine.evaluate(self._batches(data))
+
+    def step_memory(self, batches: Sequence[Any]) -> Any:
+        """XLA's memory analysis of the compiled training step (compiled, not run) for one
+        update made from `batches`: `gradient_accumulation_steps` batches, or one.
+
+        Returns jax's `CompiledMemoryStats` (per device, in bytes): the step's peak is
+        `argument_size_in_bytes + output_size_in_bytes - alias_size_in_bytes +
+        temp_size_in_bytes`. On a GPU, `jax.local_devices()[0].memory_stats()` after a
+        step gives the allocator's own peak.
+
+        Raises:
+            ValueError: the number of batches is not `gradient_accumulation_steps`.
+        """
+        n = self.gradient_accumulation_steps
+        if len(batches) != n:
+            raise ValueError(
+                f"step_memory needs the {n} batch{'es' if n > 1 else ''} of one update "
+                f"(gradient_accumulation_steps={n}), got {len(batches)}."
+            )
+        return self._engine.memory_analysis(batches[0] if n == 1 else group(list(batches)))
 
     def predict(self, data: Iterable[Any]) -> Any:
         """Runs `predict_step` on every batch of `data`; outputs concatenated on axis 0 (NumPy)."""

@@ -1,8 +1,9 @@
 """The kill-and-rerun tests' script: `python resume_run.py WORKDIR MODE [ROOT [EVERY]]`.
 
-MODE is `sync` (a list of batches, resumed by skipping) or `async` (AsyncSaveCallback and a
-grain dataset, resumed through its iterator state). Checkpoints go to ROOT/ckpt and ROOT/best
-(ROOT is WORKDIR unless given, e.g. a `gs://` URL), every EVERY steps (3 unless given).
+MODE is `sync` (a list of batches, resumed by skipping), `async` (AsyncSaveCallback and a
+grain dataset, resumed through its iterator state) or `accumulate` (the grain dataset, three
+batches to an update: 3 updates an epoch, one batch left out). Checkpoints go to ROOT/ckpt and
+ROOT/best (ROOT is WORKDIR unless given, e.g. a `gs://` URL), every EVERY steps (3 unless given).
 Prints `step N` after every step; at the end writes every leaf of the training state to
 WORKDIR/final.npz.
 """
@@ -34,7 +35,7 @@ def main(workdir, mode, root=None, every="3"):
     root = root or workdir
     join = (lambda name: f"{root}/{name}") if "://" in root else (lambda n: os.path.join(root, n))
     batches = make_batches(n_batches=10)
-    if mode == "async":
+    if mode in ("async", "accumulate"):
         data = grain.MapDataset.source(batches).map(lambda b: b)
     else:
         data = batches
@@ -47,7 +48,12 @@ def main(workdir, mode, root=None, every="3"):
     if mode == "async":
         callbacks.append(nl.AsyncSaveCallback())
     trainer = nl.Trainer(
-        make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks, steps_per_dispatch=2
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=callbacks,
+        steps_per_dispatch=2,
+        gradient_accumulation_steps=3 if mode == "accumulate" else 1,
     )
     history = trainer.fit(data, val_data=make_batches(2, seed=1), epochs=4, eval_every_steps=7)
     if not announce.started:  # a finished run: no epoch began
