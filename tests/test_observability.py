@@ -105,7 +105,10 @@ def test_resumed_run_does_not_duplicate_jsonl_lines(tmp_path):
     assert [r["loss"] for r in read_jsonl(logdir)] == pytest.approx([r["loss"] for r in first])
 
 
-def test_a_checkpoint_has_every_log_line_up_to_its_step_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("logger_first", [True, False])
+def test_a_checkpoint_has_every_log_line_up_to_its_step_written(
+    tmp_path, monkeypatch, logger_first
+):
     # As if the host ran far ahead of the device: no queued line is ever found ready early.
     monkeypatch.setattr(nl.metrics.PendingTotals, "ready", lambda self: False)
     logdir = tmp_path / "logs"
@@ -116,11 +119,10 @@ def test_a_checkpoint_has_every_log_line_up_to_its_step_written(tmp_path, monkey
             if step in (4, 8):
                 on_disk[step] = [r["step"] for r in read_jsonl(logdir) if "loss" in r]
 
-    callbacks = [
-        nl.MetricsLogger(logdir, every_steps=2),
-        nl.CheckpointCallback(tmp_path / "ckpt", every_steps=4),
-        Probe(),
-    ]
+    logger = nl.MetricsLogger(logdir, every_steps=2)
+    checkpoints = nl.CheckpointCallback(tmp_path / "ckpt", every_steps=4)
+    # Whatever their order: a checkpoint saved before the logger sees its step still has it.
+    callbacks = [logger, checkpoints, Probe()] if logger_first else [checkpoints, logger, Probe()]
     nl.Trainer(make_model(), tx(), loss_fn=loss_fn, callbacks=callbacks).fit(
         make_batches(), max_steps=10
     )
@@ -242,6 +244,17 @@ def test_progress_bar_has_a_total_from_epochs_of_data_with_a_length(capsys):
     )
     err = capsys.readouterr().err
     assert "24/24" in err and "100%" in err  # 12 batches x 2 epochs, known in advance
+
+
+def test_progress_bar_shows_the_first_validation_sets_loss(capsys):
+    trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn, progress=True, log_every_steps=2)
+    sets = {"in_domain": make_batches(1, seed=1), "ood": make_batches(1, seed=2)}
+    trainer.fit(make_batches(), val_data=sets, max_steps=4, eval_every_steps=2)
+    err = capsys.readouterr().err
+    assert "val_in_domain_loss=" in err and "loss=" in err
+    assert "val_ood" not in err
+    value = trainer.history.evals[-1]["val_in_domain_loss"]
+    assert f"val_in_domain_loss={value:.4g}" in err
 
 
 def test_progress_bar_on_a_terminal_that_reports_no_size(monkeypatch):

@@ -110,6 +110,8 @@ class MetricsLogger(Callback):
         self.hparams = dict(hparams or {})
         self.writer: MetricWriter | None = None
         self._active = False
+        self._view: TrainerView | None = None
+        self._mark: tuple[float, int, int] | None = None
 
     @property
     def state_key(self) -> str:
@@ -137,6 +139,7 @@ class MetricsLogger(Callback):
     def on_train_begin(self, trainer: TrainerView) -> None:
         # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
+        self._view = trainer if self._active else None  # what state_dict() reads: see there
         if not self._active:
             return
         if self.logdir is not None:
@@ -194,8 +197,10 @@ class MetricsLogger(Callback):
         if self._queue:
             with self._writing():
                 self._write_ready(wait=False)
-        if step < self._due:
-            return
+        if step >= self._due:
+            self._queue_line(trainer, step)
+
+    def _queue_line(self, trainer: TrainerView, step: int) -> None:
         self._due = next_multiple(step, self.every_steps)
         self._writer(trainer)
         # The line is queued with the device values it needs and written once they have
@@ -252,6 +257,12 @@ class MetricsLogger(Callback):
         # durable (flushed and fsynced) first, so a run killed after the checkpoint and
         # resumed from it has them all. The save needs that step's state anyway, so this
         # waits for nothing more on the device.
+        view = self._view
+        if self._active and view is not None and self._mark is not None:
+            # A checkpoint callback listed before the logger saves before the logger has seen
+            # this step: its line, when one is due, is queued now, as the logger would next.
+            if view.state_is_current and view.step >= self._due:
+                self._queue_line(view, view.step)
         if self._active and self.writer is not None:
             with self._writing():
                 self._write_ready(wait=True)
