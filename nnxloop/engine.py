@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -156,7 +157,14 @@ def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:
     return out
 
 
+def is_metric_state(value: Any) -> bool:
+    """Whether `value` is a mergeable metric state (a `clu.metrics.Metric`)."""
+    return isinstance(value, clu_metrics.Metric)
+
+
 def _as_metrics(out: Any, where: str) -> Metrics:
+    """`out` checked as a dict of metric name to a scalar (made float32) or a mergeable metric
+    state (a `clu.metrics.Metric`, kept as it is)."""
     if not isinstance(out, Mapping):
         raise TypeError(
             f"{where} must return a dict of metric name to scalar array, got {type(out).__name__}."
@@ -168,14 +176,60 @@ def _as_metrics(out: Any, where: str) -> Metrics:
                 f"{where} returned a metric named {name!r} ({type(name).__name__}); metric names "
                 "must be strings, e.g. 'accuracy', as they are logged and monitored by name."
             )
+        if is_metric_state(value):
+            metrics[name] = value
+            continue
         value = jnp.asarray(value)
         if value.shape != ():
             raise ValueError(
                 f"{where} returned metric {name!r} with shape {value.shape}; metrics must be "
-                "scalars (reduce over the batch, e.g. with .mean())."
+                "scalars (reduce over the batch, e.g. with .mean()) or mergeable metric states "
+                "(a clu.metrics.Metric, e.g. clu.metrics.Average.from_model_output(values))."
             )
         metrics[name] = value.astype(jnp.float32)
     return metrics
+
+
+def computed(metrics: Mapping[str, Any]) -> Metrics:
+    """Each metric as a float32 scalar: a metric state computed (traced or on the host)."""
+    return {
+        k: jnp.asarray(v.compute(), jnp.float32) if is_metric_state(v) else v
+        for k, v in metrics.items()
+    }
+
+
+def _check_additive(name: str, state: Any) -> None:
+    """Training metric states are summed over windows (and differenced): refuses a state
+    whose `merge` is not the sum of its arrays (clu's `LastValue`, `CollectingMetric`)."""
+    ones = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), state)
+    try:
+        merged = ones.merge(ones)
+        additive = jax.tree.structure(merged) == jax.tree.structure(ones) and all(
+            np.shape(m) == np.shape(o) and np.array_equal(np.asarray(m), 2 * o)
+            for m, o in zip(jax.tree.leaves(merged), jax.tree.leaves(ones))
+        )
+    except Exception:
+        additive = False
+    if not additive:
+        raise ValueError(
+            f"The training metric {name!r} is a {type(state).__name__}, whose merge is not the "
+            "sum of its arrays; training metrics are summed over steps and averaged over "
+            "windows (epochs, log lines) by differences, so their states must add (as clu's "
+            "Average, Accuracy and Std do, and counts). Return it from eval_step instead, or "
+            "return a scalar."
+        )
+
+
+def host_value(name: str, state: Any) -> float:
+    """A merged metric state's value on the host, as a float."""
+    value = np.asarray(state.compute())
+    if value.shape != ():
+        raise ValueError(
+            f"Metric {name!r} ({type(state).__name__}) computes to an array of shape "
+            f"{value.shape}; metrics are logged as scalars: make compute() return one number "
+            "(e.g. a macro average), or one metric per number you want to see."
+        )
+    return float(value)
 
 
 class StepEngine:
@@ -233,7 +287,7 @@ class StepEngine:
         )
         self.metric_names: tuple[str, ...] | None = None
         self._zero_acc = None
-        self._eval_names: tuple[str, ...] | None = None
+        self._eval_shapes: Any = None
         self.load_from_objects()
 
     # -- state ----------------------------------------------------------------------------
@@ -301,8 +355,16 @@ class StepEngine:
         return new_leaves, metrics
 
     def _accumulate(self, acc, metrics, weight):
+        """Adds a step's (or an evaluation batch's) metrics into `acc`: scalars weighted, a
+        metric state merged (for training metrics, whose states are checked to add, the
+        same as summing them)."""
         sums, count = acc
-        sums = {k: sums[k] + metrics[k] * weight for k in sums}
+        sums = {
+            k: sums[k].merge(metrics[k])
+            if is_metric_state(sums[k])
+            else sums[k] + metrics[k] * weight
+            for k in sums
+        }
         return sums, count + weight
 
     def _train_impl(self, leaves, acc, xs, stacked, batch_of=lambda x: x):
@@ -310,12 +372,12 @@ class StepEngine:
         `xs`; `xs` is the batch(es) themselves, or indices into staged data."""
         if not stacked:
             leaves, metrics = self._one_train_step(leaves, batch_of(xs))
-            return leaves, self._accumulate(acc, metrics, 1.0), metrics
+            return leaves, self._accumulate(acc, metrics, 1.0), computed(metrics)
 
         def body(carry, x):
             leaves, acc = carry
             leaves, metrics = self._one_train_step(leaves, batch_of(x))
-            return (leaves, self._accumulate(acc, metrics, 1.0)), metrics
+            return (leaves, self._accumulate(acc, metrics, 1.0)), computed(metrics)
 
         (leaves, acc), metrics = jax.lax.scan(body, (leaves, acc), xs)
         return leaves, acc, metrics
@@ -339,8 +401,10 @@ class StepEngine:
 
     # -- host API -------------------------------------------------------------------------
 
-    def _zeros(self, names) -> tuple[Metrics, jax.Array]:
-        zeros = {k: np.zeros((), np.float32) for k in names}
+    def _zeros(self, shapes: Mapping[str, Any]) -> tuple[Metrics, jax.Array]:
+        """A zero accumulator for metrics shaped as `shapes` (from `eval_shape`): a metric
+        state's arrays all zero, which is its empty state."""
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
         return jax.device_put((zeros, np.zeros((), np.float32)), self._replicated)
 
     def _abstract_leaves(self):
@@ -355,8 +419,11 @@ class StepEngine:
         if self.metric_names is None:
             with jax.set_mesh(self.mesh):
                 _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
+            for name, value in metrics.items():
+                if is_metric_state(value):
+                    _check_additive(name, value)
             self.metric_names = tuple(metrics)
-            self._zero_acc = self._zeros(self.metric_names)  # never donated: one serves all
+            self._zero_acc = self._zeros(metrics)  # never donated: one serves all
         return self._zero_acc
 
     def _compiled(self, key: tuple[str, int], impl, data_sharding, *more_shardings):
@@ -454,15 +521,18 @@ class StepEngine:
         if acc is None:
             raise ValueError("The evaluation data yielded no batches.")
         sums, count = jax.device_get(acc)
-        return {k: float(v) / float(count) for k, v in sums.items()}
+        return {
+            k: host_value(k, v) if is_metric_state(v) else float(v) / float(count)
+            for k, v in sums.items()
+        }
 
     def _evaluate(self, batches):
         acc = None
         for batch in batches:
             if acc is None:
-                names = self._eval_names
-                if names is None:
-                    model_out = jax.eval_shape(
+                shapes = self._eval_shapes
+                if shapes is None:
+                    shapes = self._eval_shapes = jax.eval_shape(
                         lambda leaves, b: _as_metrics(
                             self._eval_step(self._merge(self._graphdef_eval, leaves)[0], b),
                             "eval_step",
@@ -470,8 +540,7 @@ class StepEngine:
                         self._abstract_leaves(),
                         batch,
                     )
-                    names = self._eval_names = tuple(model_out)
-                acc = self._zeros(names)
+                acc = self._zeros(shapes)
             acc = self._eval_fn(self.leaves, acc, batch)
         return acc
 

@@ -7,25 +7,46 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import Any
 
 import jax
+import numpy as np
+
+from nnxloop.engine import host_value, is_metric_state
+
+
+def _plus(total: Any, value: Any) -> Any:
+    """`total + value` in float64: a number, or a metric state's arrays one by one."""
+    if is_metric_state(value):
+        value = jax.tree.map(lambda x: np.asarray(x, np.float64), value)
+        return value if total is None else jax.tree.map(np.add, total, value)
+    return (total or 0.0) + float(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class TotalsSnapshot:
     """The totals at one moment; `MetricTotals.average_since` averages from it."""
 
-    sums: Mapping[str, float]
+    sums: Mapping[str, Any]
     count: float
 
     def average_since(self, start: TotalsSnapshot) -> dict[str, float]:
-        """Per-step averages of the metrics over the steps since `start` ({} if none)."""
+        """Per-step averages of the metrics over the steps since `start` ({} if none); a
+        metric state's value computed from its states added over those steps."""
         steps = self.count - start.count
         if steps <= 0:
             return {}
-        return {k: (v - start.sums.get(k, 0.0)) / steps for k, v in self.sums.items()}
+        out = {}
+        for k, v in self.sums.items():
+            before = start.sums.get(k)
+            if is_metric_state(v):
+                window = v if before is None else jax.tree.map(np.subtract, v, before)
+                out[k] = host_value(k, window)
+            else:
+                out[k] = (v - (before or 0.0)) / steps
+        return out
 
 
 class MetricTotals:
-    """Float64 sums of per-step training metrics and the number of steps they cover.
+    """Float64 sums of per-step training metrics and the number of steps they cover (a metric
+    state's sum is its arrays summed, which is its merge: `StepEngine` checks that it is).
 
     The device accumulates in float32 between reads; each read folds that into these totals,
     so any consumer (epoch averages, a logger's window, the progress bar) averages over its own
@@ -33,12 +54,12 @@ class MetricTotals:
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.count = 0.0
 
-    def add(self, sums: Mapping[str, float], count: float) -> None:
+    def add(self, sums: Mapping[str, Any], count: float) -> None:
         for name, value in sums.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.sums[name] = _plus(self.sums.get(name), value)
         self.count += float(count)
 
     def snapshot(self) -> TotalsSnapshot:

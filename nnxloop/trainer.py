@@ -17,7 +17,7 @@ from nnxloop.callbacks import default_callbacks
 from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
-from nnxloop.engine import StepEngine, partition_specs
+from nnxloop.engine import StepEngine, is_metric_state, partition_specs
 from nnxloop.feed import group
 from nnxloop.history import History
 from nnxloop.loop import FitRun
@@ -197,7 +197,8 @@ class Trainer:
         return self._loss_fn(model, batch)
 
     def train_step(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any) -> Any:
-        """One optimizer update in training mode; returns a dict of scalar metrics.
+        """One optimizer update in training mode; returns a dict of metrics: scalars, or
+        metric states (`clu.metrics.Metric`) that merge by adding, such as clu's `Accuracy`.
 
         An override may take a fourth argument, `step` (an `nl.Step`): this update's
         number (`step.number`, from 1) and a PRNG key of its own (`step.key`), both traced,
@@ -249,12 +250,18 @@ class Trainer:
         (rest, total), metrics = jax.lax.scan(micro, (rest, zeros), group)
         nnx.update(model, rest)
         optimizer.update(model, total)
-        return jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        # Scalars: the micro-batches' mean; a metric state: their merge.
+        return {
+            k: v.reduce() if is_metric_state(v) else jnp.mean(v, axis=0) for k, v in metrics.items()
+        }
 
     def eval_step(self, model: nnx.Module, batch: Any) -> Any:
         """Metrics of `model` (in eval mode) on one batch; by default `loss_fn`'s loss and metrics.
 
-        Traced under jit. Values are averaged over the evaluation data, weighted by batch size.
+        Traced under jit. Scalar values are averaged over the evaluation data, weighted by
+        batch size; a value that is a mergeable metric state (a `clu.metrics.Metric`, e.g. an
+        F1 from per-class counts) is merged over the data on the device and computed once on
+        the host (see the how-to "Metrics that are not means").
         """
         value, metrics = split_loss(self.loss_fn(model, batch))
         return {"loss": value, **metrics}
