@@ -19,14 +19,16 @@ from nnxloop.metrics import PendingTotals
 
 class ProgressBar(Callback):
     """One bar for the whole `fit`: epoch, step / total with a percentage and ETA (when the
-    total is known: `max_steps`, or `epochs` of data with a length), steps/s, and the loss of
-    the newest window the device has finished."""
+    total is known: `max_steps`, or `epochs` of data with a length), steps/s, the loss of
+    the newest window the device has finished, and the newest evaluation's loss (of the first
+    validation set, when there are several)."""
 
     def __init__(self, every_steps: int):
         self.every_steps = every_steps
         self.bar: Any = None
         self._marks: list[PendingTotals] = []
         self._shown = 0
+        self._postfix: dict[str, str] = {}
 
     def on_train_begin(self, trainer: TrainerView) -> None:
         # A terminal that reports no size (a pseudo-terminal without one says 0 columns) gets
@@ -45,6 +47,7 @@ class ProgressBar(Callback):
         )
         self._marks = [trainer.metric_totals()]  # window ends not yet shown
         self._shown = trainer.step
+        self._postfix = {}
 
     def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         if self.bar is not None:
@@ -61,7 +64,17 @@ class ProgressBar(Callback):
         while len(self._marks) > 1 and self._marks[1].ready():
             window = self._marks[1].average_since(self._marks.pop(0))
         if window and "loss" in window:
-            self.bar.set_postfix(loss=f"{window['loss']:.4g}", refresh=False)
+            self._postfix["loss"] = f"{window['loss']:.4g}"
+            self.bar.set_postfix(self._postfix, refresh=False)
+
+    def on_eval_end(self, trainer: TrainerView, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is None or not metrics:
+            return
+        # Sets are evaluated in order, so the first loss is the first set's (`val_loss`, or
+        # `val_<name>_loss`); with no loss, its first metric.
+        name = next((k for k in metrics if k.endswith("loss")), next(iter(metrics)))
+        self._postfix[name] = f"{metrics[name]:.4g}"
+        self.bar.set_postfix(self._postfix, refresh=False)
 
     def on_train_end(self, trainer: TrainerView) -> None:
         self._close(trainer)
