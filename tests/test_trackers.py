@@ -1,8 +1,12 @@
-"""MetricsLogger's extra writers: MLflow (a real SQLite tracking store), slow and failing ones."""
+"""MetricsLogger's extra writers: MLflow (a real SQLite tracking store), W&B (real offline runs,
+read back from the `.wandb` files they write), slow and failing ones."""
 
+import glob
 import logging
 import os
 import threading
+import time
+import zlib
 
 import pytest
 from conftest import loss_fn, make_batches, make_model, tx
@@ -26,7 +30,7 @@ def run_script(workdir, uri, kill_after=None):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env_for(),
+        env=env_for(**wandb_env(workdir)),
         cwd=workdir,
     )
     try:
@@ -61,6 +65,166 @@ def test_mlflow_run_survives_a_kill_with_every_step_once(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(2, STEPS + 1, 2)), (key, sorted(steps))
     assert run.data.params["parameters"] and "nnxloop.parameters" in run.data.tags
+
+
+def wandb_env(workdir) -> dict[str, str]:
+    """W&B offline, quiet, and with its settings, caches and temporary directories under
+    `workdir` (wandb makes two in the system's when imported, which a kill -9 leaves behind)."""
+    os.makedirs(os.path.join(workdir, "tmp"), exist_ok=True)
+    return {
+        "TMPDIR": os.path.join(workdir, "tmp"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(workdir),
+        "WANDB_CONFIG_DIR": os.path.join(workdir, "wandb-config"),
+        "WANDB_CACHE_DIR": os.path.join(workdir, "wandb-cache"),
+        "WANDB_DATA_DIR": os.path.join(workdir, "wandb-data"),
+    }
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline in this process; its service process is stopped at the end."""
+    wandb = pytest.importorskip("wandb")
+    for name, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    yield wandb
+    wandb.teardown()
+
+
+def wandb_records(path):
+    """The protocol-buffer records of a `.wandb` file (LevelDB's log format after a 7-byte
+    header: 32 KiB blocks of chunks, each with a CRC-32, a length and a type), up to the first
+    chunk a killed run cut short."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    records, part, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail, too short for a chunk header
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        crc_ok = int.from_bytes(data[pos : pos + 4], "little") == zlib.crc32(bytes([kind]) + chunk)
+        if kind == 0 or len(chunk) < length or not crc_ok:
+            break
+        pos += 7 + length
+        part = chunk if kind in (1, 2) else part + chunk  # whole, first, middle, last
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(part))
+    return records
+
+
+def history_row(record):
+    import json
+
+    return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+
+
+def wandb_runs(workdir):
+    """{run id: [(step, {key: value}) for every history row]}, over every offline run directory
+    under `workdir`/wandb (a resumed run writes one more), in the order they were started."""
+    files = []
+    for path in glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")):
+        # offline-run-<start time>-<id>, then -1, -2, ... for more started in the same second
+        run_id = os.path.basename(path)[len("run-") : -len(".wandb")]
+        name = os.path.basename(os.path.dirname(path))
+        started = name.split("-")[2]
+        again = int(name[len(f"offline-run-{started}-{run_id}-") :] or 0)
+        records = wandb_records(path)  # a killed run's may hold no record at all
+        rows = [(r.history.step.num, history_row(r)) for r in records if r.history.item]
+        files.append((started, again, run_id, rows))
+    runs = {}
+    for _, _, run_id, rows in sorted(files):
+        runs.setdefault(run_id, []).extend(rows)
+    return runs
+
+
+def wandb_services():
+    """The wandb-core service processes this test process started, or that their scripts did."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "wandb-core" in line]
+
+
+@pytest.mark.slow
+def test_wandb_run_survives_a_kill_with_every_step_once(tmp_path):
+    pytest.importorskip("wandb")
+    before = wandb_services()
+    run_script(tmp_path, "wandb", kill_after=13)  # checkpoint at 10; steps 12 logged, then lost
+    run_script(tmp_path, "wandb")
+    runs = wandb_runs(tmp_path)
+    assert len(runs) == 1, "the resumed run continues the same W&B run"
+    [(run_id, rows)] = runs.items()
+    assert len(glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))) == 2
+    for key in ("loss", "accuracy", "steps_per_sec"):
+        steps = [step for step, row in rows if key in row]
+        assert steps == list(range(2, STEPS + 1, 2)), (key, steps)
+    deadline = time.monotonic() + 10  # a service notices its script's end within a second
+    while wandb_services() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wandb_services() == before, "W&B's service processes end with the scripts"
+
+
+def test_wandb_writer_logs_steps_config_and_texts(offline_wandb, tmp_path):
+    writer = nl.writers.WandbWriter(project="unit", dir=str(tmp_path), name="first")
+    writer.write_hparams({"lr": 0.01, "model": object()})
+    writer.write_texts(0, {"parameters": "| a | b |"})
+    writer.write_scalars(2, {"loss": 1.0})
+    writer.write_scalars(4, {"val_loss": 2.0})
+    writer.write_scalars(4, {"loss": 0.5})  # two lines at one step: one row
+    assert writer.state_dict()["unsaved"], "W&B has not saved the last rows yet"
+    writer.close()
+    assert writer.state_dict() == {"run_id": writer.run_id, "unsaved": []}
+    records = wandb_records(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    rows = [(r.history.step.num, set(history_row(r))) for r in records]
+    assert [(step, keys & {"loss", "val_loss"}) for step, keys in rows if keys] == [
+        (2, {"loss"}),
+        (4, {"loss", "val_loss"}),
+    ]
+    config = {i.key: i.value_json for r in records for i in r.config.update}
+    assert config["lr"] == "0.01" and config["model"].startswith('"<object')
+    summary = {i.key: i.value_json for r in records for i in r.summary.update}
+    assert summary["nnxloop/parameters"] == '"| a | b |"'
+    with pytest.raises(ValueError, match="resumes its run itself"):
+        nl.writers.WandbWriter(id="mine")
+
+
+def test_wandb_writer_resumes_its_run_and_logs_what_w_and_b_lost(offline_wandb, tmp_path):
+    first = nl.writers.WandbWriter(project="unit", dir=str(tmp_path))
+    for step in (2, 4, 6):
+        first.write_scalars(step, {"loss": float(step)})
+    first.close()  # W&B saved 2, 4, 6
+    carried = {"run_id": first.run_id, "unsaved": [[6, {"loss": 6.0}], [8, {"loss": 8.0}]]}
+    second = nl.writers.WandbWriter(project="unit", dir=str(tmp_path))
+    second.load_state_dict(carried)  # a checkpoint at 8 whose process was killed
+    for step in (6, 8, 10):  # resumed from 4: 6 is there, 8 was lost
+        second.write_scalars(step, {"loss": float(step)})
+    second.close()
+    assert second.run_id == first.run_id
+    [(run_id, rows)] = wandb_runs(tmp_path).items()
+    assert [step for step, _ in rows] == [2, 4, 6, 8, 10]
+    second.reset_state()
+    second.write_scalars(1, {"loss": 1.0})
+    second.close()
+    assert second.run_id != first.run_id
+
+
+def test_wandb_writer_carries_only_the_rows_w_and_b_has_not_saved(offline_wandb, tmp_path):
+    writer = nl.writers.WandbWriter(project="unit", dir=str(tmp_path))
+    for step in range(1, 801):  # more than W&B keeps in memory: it writes the first blocks
+        writer.write_scalars(step, {f"metric_{i}": float(i) for i in range(10)})
+    deadline = time.monotonic() + 20
+    while len(writer.state_dict()["unsaved"]) == 800 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    unsaved = [step for step, _ in writer.state_dict()["unsaved"]]
+    assert 1 < unsaved[0] and unsaved == list(range(unsaved[0], 801)), unsaved[:3]
+    writer.close()
+    assert writer.state_dict()["unsaved"] == []
 
 
 def test_only_writers_without_a_logdir(tmp_path, monkeypatch):

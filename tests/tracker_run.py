@@ -1,5 +1,6 @@
-"""A run logging to MLflow, for the kill-and-rerun tracker test:
-`python tracker_run.py WORKDIR TRACKING_URI`. Prints `step N` after every step."""
+"""A run logging to MLflow or W&B, for the kill-and-rerun tracker tests:
+`python tracker_run.py WORKDIR TRACKING_URI` (MLflow), `python tracker_run.py WORKDIR wandb`
+(an offline W&B run under WORKDIR). Prints `step N` after every step."""
 
 import os
 import sys
@@ -17,15 +18,19 @@ class Announce(nl.Callback):
 
 
 def main(workdir, tracking_uri):
-    mlflow = nl.writers.MLflowWriter(tracking_uri=tracking_uri, experiment="kills")
+    if tracking_uri == "wandb":
+        writer = nl.writers.WandbWriter(project="kills", mode="offline", dir=workdir)
+    else:
+        writer = nl.writers.MLflowWriter(tracking_uri=tracking_uri, experiment="kills")
     trainer = nl.Trainer(
         make_model(),
         tx(),
         loss_fn=loss_fn,
         callbacks=[
             Announce(),
+            # Before the logger: its checkpoints still hold every line up to their step.
             nl.CheckpointCallback(os.path.join(workdir, "ckpt"), every_steps=5),
-            nl.MetricsLogger(every_steps=2, writers=[mlflow]),
+            nl.MetricsLogger(every_steps=2, writers=[writer]),
         ],
         progress=False,
     )
