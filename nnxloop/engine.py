@@ -249,9 +249,11 @@ class StepEngine:
         predict_step: Callable[..., Any],
         step_seed: int = 0,
         grouped: bool = False,
+        evaluate_ema: bool = False,
     ):
         self.model = model
         self.grouped = grouped  # each training batch is the micro-batches of one update
+        self.evaluate_ema = evaluate_ema  # the optimizer's `ema` is evaluated too
         self.optimizer = optimizer
         self.mesh = mesh
         self._train_step = train_step
@@ -389,9 +391,19 @@ class StepEngine:
         indices = start + jnp.arange(steps, dtype=start.dtype)
         return self._train_impl(leaves, acc, indices, True, batch_of)
 
-    def _eval_impl(self, leaves, acc, batch):
-        model, _ = self._merge(self._graphdef_eval, leaves)
+    def _eval_metrics(self, leaves, batch):
+        """`eval_step`'s metrics of the model, and (`evaluate_ema`) of the model with the
+        optimizer's averaged parameters, as `ema_<name>`."""
+        model, optimizer = self._merge(self._graphdef_eval, leaves)
         metrics = _as_metrics(self._eval_step(model, batch), "eval_step")
+        if self.evaluate_ema:
+            averaged = optimizer.ema.apply_to(model)
+            ema = _as_metrics(self._eval_step(averaged, batch), "eval_step")
+            metrics.update({f"ema_{k}": v for k, v in ema.items()})
+        return metrics
+
+    def _eval_impl(self, leaves, acc, batch):
+        metrics = self._eval_metrics(leaves, batch)
         size = jax.tree.leaves(batch)[0].shape[0]
         return self._accumulate(acc, metrics, float(size))
 
@@ -533,12 +545,7 @@ class StepEngine:
                 shapes = self._eval_shapes
                 if shapes is None:
                     shapes = self._eval_shapes = jax.eval_shape(
-                        lambda leaves, b: _as_metrics(
-                            self._eval_step(self._merge(self._graphdef_eval, leaves)[0], b),
-                            "eval_step",
-                        ),
-                        self._abstract_leaves(),
-                        batch,
+                        self._eval_metrics, self._abstract_leaves(), batch
                     )
                 acc = self._zeros(shapes)
             acc = self._eval_fn(self.leaves, acc, batch)

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnxloop.checkpointing import (
+    OPTIMIZER,
     CheckpointError,
     CheckpointStore,
     best_step,
@@ -130,6 +131,35 @@ def _matching_state(
     return jax.tree_util.tree_unflatten(treedef, leaves), skipped
 
 
+def _with_averages(store: CheckpointStore, step: int, state: Any) -> Any:
+    """`state` (a model state loaded from `step`) with each parameter replaced by its moving
+    average, which the optimizer item of a run trained with `ema_decay` holds."""
+    optimizer = store.restore_model_as_saved(step, _one_device(), item=OPTIMIZER)
+    averages = optimizer.get("ema", {}).get("params") if isinstance(optimizer, dict) else None
+    if not averages:
+        raise CheckpointError(
+            f"The checkpoint of step {step} in {store.directory} holds no moving average of "
+            "the weights (its run was trained without Trainer(ema_decay=...)); load it with "
+            'weights="model".'
+        )
+    saved = {key_parts(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(averages)[0]}
+    params = nnx.state(state, nnx.Param) if isinstance(state, nnx.State) else None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves, replaced = [], 0
+    for path, leaf in flat:
+        value = saved.get(key_parts(path))
+        if value is not None and value.shape == leaf.shape:
+            leaf, replaced = value.astype(leaf.dtype), replaced + 1
+        leaves.append(leaf)
+    wanted = len(jax.tree.leaves(params)) if params is not None else len(saved)
+    if replaced != wanted:
+        raise CheckpointError(
+            f"The moving average in the checkpoint of step {step} in {store.directory} covers "
+            f"{replaced} of the model's {wanted} parameters; it was written by another model."
+        )
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _one_device() -> NamedSharding:
     return NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec())
 
@@ -140,6 +170,7 @@ def load_model(
     *,
     step: int | str = "latest",
     strict: bool = True,
+    weights: str = "model",
 ) -> nnx.Module:
     """Loads a model's saved state (parameters, batch statistics, RNG state) for inference or
     for fine-tuning.
@@ -154,6 +185,9 @@ def load_model(
             keeps the rest as built (a new head, a resized layer), then logs one warning
             naming each array it skipped and why (not in the checkpoint, another shape, or
             in the checkpoint only). Raises only when no array matches at all.
+        weights: `"model"` loads the parameters as trained; `"ema"` loads their
+            exponential moving average instead (a run trained with `Trainer(ema_decay=...)`),
+            the rest of the state (batch statistics, RNG state) as saved.
 
     Returns:
         The model, holding the saved values, in eval mode.
@@ -169,6 +203,8 @@ def load_model(
         model = nl.load_model("runs/exp/best", lambda: MyModel(rngs=nnx.Rngs(0)), step="best")
         ```
     """
+    if weights not in ("model", "ema"):
+        raise ValueError(f'weights must be "model" or "ema", got {weights!r}.')
     directory = paths.checkpoint_directory(directory, what="Checkpoint directory")
     if not paths.path(directory).is_dir():
         raise CheckpointError(f"Checkpoint directory {directory} does not exist.")
@@ -201,6 +237,8 @@ def load_model(
                 else:
                     assert model is not None
                     state, skipped = _matching_state(store, candidate, model)
+                if weights == "ema":
+                    state = _with_averages(store, candidate, state)
                 chosen = candidate
                 break
             except CheckpointError:

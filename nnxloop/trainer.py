@@ -17,6 +17,7 @@ from nnxloop.callbacks import default_callbacks
 from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
+from nnxloop.ema import EMAOptimizer, check_decay
 from nnxloop.engine import StepEngine, is_metric_state, partition_specs
 from nnxloop.feed import group
 from nnxloop.history import History
@@ -91,6 +92,12 @@ class Trainer:
             batches that do not fill an update are left out (one warning says so). Needs
             the default `train_step` (override `loss_fn` instead, or use
             `optax.MultiSteps`, which counts micro-batches as steps).
+        ema_decay: keep an exponential moving average of the parameters (flax's `nnx.EMA`,
+            held by the optimizer as `trainer.optimizer.ema`), moved towards them by each
+            update: `ema = decay * ema + (1 - decay) * params`. It is updated inside the
+            compiled step, saved and resumed with the optimizer state, and every evaluation
+            also reports the averaged weights' metrics (`val_ema_loss`, ...; `ema_loss` from
+            `evaluate`). `nl.load_model(..., weights="ema")` loads them. None: no average.
 
     Example:
         ```python
@@ -113,6 +120,7 @@ class Trainer:
         seed: int | None = None,
         stage_data: bool | None = None,
         gradient_accumulation_steps: int = 1,
+        ema_decay: float | None = None,
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}.")
@@ -121,6 +129,7 @@ class Trainer:
         positive_int("steps_per_dispatch", steps_per_dispatch)
         positive_int("log_every_steps", log_every_steps)
         positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+        check_decay(ema_decay)
         if gradient_accumulation_steps > 1 and _overrides(self, "train_step"):
             raise ValueError(
                 f"gradient_accumulation_steps={gradient_accumulation_steps} needs the default "
@@ -153,7 +162,11 @@ class Trainer:
         # Flax shards variables as it creates them (the optimizer's moments follow their
         # parameter's annotation), which needs the mesh in context.
         with jax.set_mesh(self.mesh):
-            self._optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+            self._optimizer = (
+                nnx.Optimizer(model, tx, wrt=nnx.Param)
+                if ema_decay is None
+                else EMAOptimizer(model, tx, decay=float(ema_decay))
+            )
             self._engine = StepEngine(
                 model,
                 self._optimizer,
@@ -165,6 +178,7 @@ class Trainer:
                 predict_step=self.predict_step,
                 step_seed=seed if seed is not None else 0,
                 grouped=gradient_accumulation_steps > 1,
+                evaluate_ema=ema_decay is not None,
             )
         self.step = 0
         self.epoch = 0

@@ -304,23 +304,26 @@ class CheckpointStore:
         optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
         return restored[MODEL], optimizer
 
-    def restore_model_as_saved(self, step: int, sharding: jax.sharding.Sharding) -> Any:
-        """The `model` item of `step` in the tree it was saved as (nested dicts with string
-        keys, as orbax stores a state), every array placed with `sharding`."""
+    def restore_model_as_saved(
+        self, step: int, sharding: jax.sharding.Sharding, *, item: str = MODEL
+    ) -> Any:
+        """The `model` item (or the `optimizer` item) of `step` in the tree it was saved as
+        (nested dicts with string keys, as orbax stores a state), every array placed with
+        `sharding`."""
         manager = self.manager(async_=bool(self._manager_async))
-        saved = manager.item_metadata(step)[MODEL]
+        saved = manager.item_metadata(step)[item]
         if saved is None:
             raise CheckpointError(
-                f"The checkpoint of step {step} in {self.directory} has no model item."
+                f"The checkpoint of step {step} in {self.directory} has no {item} item."
             )
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
             dict(saved),
         )
         restored = manager.restore(
-            step, args=ocp.args.Composite(**{MODEL: arrays_restore_args(abstract)})
+            step, args=ocp.args.Composite(**{item: arrays_restore_args(abstract)})
         )
-        return restored[MODEL]
+        return restored[item]
 
     def set_aside(self) -> list[str]:
         """The steps `quarantine` moved aside in this directory, by earlier runs too."""
