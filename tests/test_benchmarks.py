@@ -29,7 +29,13 @@ def test_bench_step_quick():
 @pytest.mark.extended
 def test_bench_slow_writer_quick():
     out = run([str(BENCHMARKS / "bench_slow_writer.py"), "--quick"])
-    assert "K=8: slow writer / no logger" in out and "log every 500" in out
+    assert "ratio per pair" in out and "log every 500" in out
+
+
+@pytest.mark.extended
+def test_bench_accumulation_quick_meets_its_memory_bound():
+    out = run([str(BENCHMARKS / "bench_accumulation.py"), "--quick"])
+    assert "accumulate N=4" in out and "-> met" in out
 
 
 @pytest.mark.extended
