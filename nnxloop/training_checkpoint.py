@@ -37,6 +37,7 @@ class Checkpointed(Protocol):
     stop_training: bool
     preempted: bool
     steps_per_dispatch: int
+    gradient_accumulation_steps: int
 
     @property
     def engine(self) -> Any: ...
@@ -131,6 +132,7 @@ def training_meta(trainer: Checkpointed) -> dict[str, Any]:
         "model_shapes": shapes,
         "device_count": jax.device_count(),
         "steps_per_dispatch": trainer.steps_per_dispatch,
+        "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
         "time": time.time(),
         "nnxloop_version": package_version(),
     }
@@ -139,6 +141,20 @@ def training_meta(trainer: Checkpointed) -> dict[str, Any]:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _check_accumulation(meta: dict[str, Any], trainer: Checkpointed, where: str) -> None:
+    """Refuses to resume with another `gradient_accumulation_steps`: the checkpoint's place in
+    its epoch counts updates of the saved number of batches."""
+    saved = meta.get("gradient_accumulation_steps", 1)
+    if saved != trainer.gradient_accumulation_steps:
+        raise CheckpointError(
+            f"{where} was trained with gradient_accumulation_steps={saved}, this trainer has "
+            f"{trainer.gradient_accumulation_steps}: its place in the data counts updates of "
+            f"{saved} batches, so resuming with another number would train on other batches. "
+            f"Resume with gradient_accumulation_steps={saved}, or start a new run in another "
+            "directory (nl.load_model loads its weights)."
+        )
 
 
 def restore_training(trainer: Checkpointed, store: CheckpointStore) -> int | None:
@@ -166,6 +182,9 @@ def restore_training(trainer: Checkpointed, store: CheckpointStore) -> int | Non
                     f"{where} holds an optimizer state of another structure; resume with the "
                     "optimizer it was written with, or start in a new directory."
                 )
+            _check_accumulation(
+                meta, trainer, f"The checkpoint at step {step} in {store.directory}"
+            )
             model_state, opt_state = store.restore(step, abstract[0], abstract[1])
         except (CheckpointError, MemoryError):
             raise  # not damage: moving the checkpoint aside would not help

@@ -243,3 +243,25 @@ def test_only_one_micro_batch_of_activations_is_in_memory_at_a_time():
     assert peaks[8] <= peaks[1] + grads + 8 * inputs, (peaks, grads, inputs)
     # Eight micro-batches' activations at once would need about 8x the temporaries.
     assert temps[8] < 2 * temps[1], temps
+
+
+def test_resuming_with_another_accumulation_is_refused_and_the_checkpoint_kept(tmp_path):
+    """A checkpoint's place in its epoch counts updates of N batches: a rerun with another N
+    would silently train on other data. It is refused, saying what to do, and nothing is lost."""
+    batches = make_batches(n_batches=8)
+
+    def trainer(n):
+        return nl.Trainer(
+            MLP(nnx.Rngs(0)),
+            sgd(),
+            loss_fn=loss_fn,
+            gradient_accumulation_steps=n,
+            callbacks=[nl.CheckpointCallback(tmp_path / "ckpt", every_steps=1)],
+        )
+
+    trainer(4).fit(batches, max_steps=1)  # mid-epoch: update 1 of 2
+    with pytest.raises(nl.CheckpointError, match="gradient_accumulation_steps=4"):
+        trainer(2).fit(batches, max_steps=4)
+    resumed = trainer(4)
+    resumed.fit(batches, max_steps=2)
+    assert resumed.step == 2
