@@ -143,6 +143,7 @@ def test_iterator_data_accumulates_like_a_list():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_accumulation_composes_with_a_model_parallel_mesh():
     """On a data x model mesh, with parameters sharded over `model`, two micro-batches of 16
     give the update one batch of 32 gives."""
@@ -208,6 +209,7 @@ def test_killed_accumulating_runs_resume_bitwise(tmp_path):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_only_one_micro_batch_of_activations_is_in_memory_at_a_time():
     """XLA's memory analysis of the compiled steps (compiled, not run), on a model whose
     activations outweigh its parameters and inputs: the step of 8 micro-batches needs no more

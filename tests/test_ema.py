@@ -70,6 +70,7 @@ def test_the_average_follows_the_flax_loop_and_is_evaluated():
     assert evaluated["ema_loss"] == pytest.approx(history["val_ema_loss"][-1], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_average_is_resumed_bitwise_and_loads_with_load_model(tmp_path):
     batches = make_batches(n_batches=6)
 
