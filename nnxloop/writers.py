@@ -40,6 +40,10 @@ class MetricWriter:
     def flush(self) -> None:
         """Makes everything written so far durable."""
 
+    def end_run(self, status: str) -> None:
+        """Called before `close` when the run did not end cleanly: `status` is `"FAILED"`
+        (an exception ended `fit`) or `"KILLED"` (Ctrl-C). A tracker marks its run so."""
+
     def close(self) -> None:
         """Flushes and releases the writer."""
         self.flush()
@@ -200,6 +204,10 @@ class MultiWriter(MetricWriter):
         for w in self.writers:
             w.flush()
 
+    def end_run(self, status):
+        for w in self.writers:
+            w.end_run(status)
+
     def close(self):
         """Closes every writer, also when one fails; then raises the first failure."""
         first: BaseException | None = None
@@ -229,6 +237,9 @@ class BackgroundWriter(MetricWriter):
     def __init__(self, writer: MetricWriter, *, max_pending: int = 1000):
         self.writer = writer
         self.max_pending = max_pending
+        # How long `close` waits for the writer's thread; None: until it is done. After an
+        # error the logger bounds it, so an unreachable tracker cannot hold up the exit.
+        self.close_timeout: float | None = None
         self.dropped = 0
         self.failed: BaseException | None = None
         self._pending: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
@@ -306,12 +317,25 @@ class BackgroundWriter(MetricWriter):
         self._put("flush")
         self._drain()
 
+    def end_run(self, status):
+        self._put("end_run", status)
+
     def close(self):
         self._put("close")
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(self.close_timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                waiting = sum(name == "write_scalars" for name, _ in self._pending)
+            logging.getLogger("nnxloop").warning(
+                "%s did not finish within %g s; %d metric lines were still waiting for it "
+                "and are not written.",
+                type(self.writer).__name__,
+                self.close_timeout or 0,
+                waiting,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         state = getattr(self.writer, "state_dict", None)
@@ -356,6 +380,7 @@ class MLflowWriter(MetricWriter):
         self.run_id: str | None = None
         self._synced = False
         self._logged: dict[str, set[int]] = {}
+        self._status = "FINISHED"  # how close() ends the run (end_run changes it)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
@@ -363,10 +388,12 @@ class MLflowWriter(MetricWriter):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.run_id = state.get("run_id") or self.run_id
         self._synced = False
+        self._status = "FINISHED"
 
     def reset_state(self) -> None:
         """Forgets the run: the next line starts a new MLflow run (a fit from step 0)."""
         self.run_id, self._synced, self._logged = None, False, {}
+        self._status = "FINISHED"
 
     def _run(self) -> str:
         if self.run_id is None:
@@ -422,9 +449,12 @@ class MLflowWriter(MetricWriter):
         for name, text in texts.items():
             self._client.set_tag(run_id, f"nnxloop.{name}", text[:5000])
 
+    def end_run(self, status):
+        self._status = status
+
     def close(self):
         if self.run_id is not None:
-            self._client.set_terminated(self.run_id)
+            self._client.set_terminated(self.run_id, status=self._status)
 
 
 class WandbWriter(MetricWriter):
@@ -481,6 +511,7 @@ class WandbWriter(MetricWriter):
         self._logged_at: dict[int, float] = {}
         self._log_path: str | None = None  # the live run's .wandb file
         self._log_offset = 0  # how far it has been read
+        self._exit_code = 0  # what close() reports to W&B (end_run sets it)
 
     def state_dict(self) -> dict[str, Any]:
         self._forget_saved()
@@ -574,11 +605,15 @@ class WandbWriter(MetricWriter):
         for name, text in texts.items():
             run.summary[f"nnxloop/{name}"] = text
 
-    def _finish(self) -> None:
+    def _finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             run, self.run = self.run, None
-            run.finish()
+            run.finish(exit_code=exit_code)
             self._unsaved, self._logged_at = {}, {}  # finish() saves everything
 
+    def end_run(self, status: str) -> None:
+        self._exit_code = 1 if status == "FAILED" else 255  # W&B shows a non-zero as failed
+
     def close(self) -> None:
-        self._finish()
+        code, self._exit_code = self._exit_code, 0
+        self._finish(code)

@@ -194,6 +194,16 @@ def test_wandb_writer_logs_steps_config_and_texts(offline_wandb, tmp_path):
         nl.writers.WandbWriter(id="mine")
 
 
+def test_a_failed_fit_ends_its_wandb_run_with_a_failure(offline_wandb, tmp_path):
+    writer = nl.writers.WandbWriter(project="unit", dir=str(tmp_path))
+    writer.write_scalars(2, {"loss": 1.0})
+    writer.end_run("FAILED")
+    writer.close()
+    records = wandb_records(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
+
+
 def test_wandb_writer_resumes_its_run_and_logs_what_w_and_b_lost(offline_wandb, tmp_path):
     first = nl.writers.WandbWriter(project="unit", dir=str(tmp_path))
     for step in (2, 4, 6):
@@ -336,3 +346,64 @@ def test_every_writer_is_closed_when_one_fails_to_close():
     with pytest.raises(OSError, match="No space"):
         MultiWriter([Failing(), recording]).close()
     assert recording.closed
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_run_that_fails_or_is_interrupted_is_not_marked_finished(tmp_path, error):
+    """A fit that raises ends its MLflow run FAILED (KILLED for Ctrl-C), not FINISHED: the
+    tracker's run list must not show a crashed run as a completed one."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    writer = nl.writers.MLflowWriter(tracking_uri=uri, experiment="ends")
+
+    class Fail(nl.Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 5:
+                raise error("stop here")
+
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[nl.MetricsLogger(every_steps=2, writers=[writer]), Fail()],
+    )
+    with pytest.raises(error):
+        trainer.fit(make_batches(), epochs=1)
+    run = MlflowClient(tracking_uri=uri).get_run(writer.run_id)
+    assert run.info.status == ("KILLED" if error is KeyboardInterrupt else "FAILED")
+    steps = [
+        m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "loss")
+    ]
+    assert steps == [2, 4]
+
+
+def test_a_tracker_that_does_not_answer_holds_up_a_failing_run_only_briefly(monkeypatch, caplog):
+    """After an error (or Ctrl-C), an extra writer gets a bounded time to finish: a tracker
+    that hangs does not keep the process from reporting the error and exiting."""
+    monkeypatch.setattr(nl.MetricsLogger, "CLOSE_TIMEOUT_AFTER_ERROR", 0.5)
+    release = threading.Event()
+
+    class Hanging(MetricWriter):
+        def write_scalars(self, step, scalars):
+            release.wait(30)
+
+    class Fail(nl.Callback):
+        def on_step_end(self, trainer, step, logs):
+            if step == 6:
+                raise KeyboardInterrupt
+
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[nl.MetricsLogger(every_steps=2, writers=[Hanging()]), Fail()],
+    )
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nnxloop"), pytest.raises(KeyboardInterrupt):
+            trainer.fit(make_batches(), epochs=1)
+        assert time.monotonic() - start < 15
+        assert "Hanging did not finish within 0.5 s" in caplog.text
+    finally:
+        release.set()

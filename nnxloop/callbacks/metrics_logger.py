@@ -71,6 +71,10 @@ class MetricsLogger(Callback):
         ```
     """
 
+    # Seconds an extra writer gets to finish when `fit` ends with an error or Ctrl-C (then its
+    # waiting lines are dropped with a warning); at a clean end, it gets all it needs.
+    CLOSE_TIMEOUT_AFTER_ERROR = 10.0
+
     def __init__(
         self,
         logdir: str | os.PathLike[str] | None = None,
@@ -311,6 +315,13 @@ class MetricsLogger(Callback):
                 self._write_ready(wait=True)
             except Exception:
                 log.warning("MetricsLogger could not write its last %d lines.", len(self._queue))
+        writer = self.writer
+        if writer is not None:
+            # Trackers mark the run failed, or killed for Ctrl-C, not finished; and a tracker
+            # that does not answer holds up the exit no longer than this.
+            writer.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            for background in self._background:
+                background.close_timeout = self.CLOSE_TIMEOUT_AFTER_ERROR
         try:
             self._close()
         except OSError as close_error:
