@@ -66,7 +66,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a script a test starts: CPU only, this directory importable, and
     no XLA flags but the tests' own above."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return dict(os.environ, PYTHONPATH=here, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_FLAGS, **extra)
+    # No W&B settings from this process: a W&B run in it (a docs page) leaves the address of
+    # its service process in WANDB_SERVICE, and a script that inherited it would log there.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return dict(inherited, PYTHONPATH=here, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_FLAGS, **extra)
 
 
 def save_final_state(trainer, path) -> None:

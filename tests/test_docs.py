@@ -1,7 +1,9 @@
 """Every Python code block in the README and the docs pages runs."""
 
+import os
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -30,6 +32,13 @@ def test_page_code_runs(page, code, tmp_path, monkeypatch, request):
         server, _ = request.getfixturevalue("gcs")
         for name in buckets:
             server.create_bucket(name)
-    for i, block in enumerate(code):
-        exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+    try:
+        for i, block in enumerate(code):
+            exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+    finally:
+        # A page with a W&B run leaves wandb's settings and service process behind in this
+        # worker (and WANDB_SERVICE in its environment): the tests after it start afresh.
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
+            os.environ.pop("WANDB_SERVICE", None)
     assert not (tmp_path / "gs:").exists()

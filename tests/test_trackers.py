@@ -86,6 +86,8 @@ def wandb_env(workdir) -> dict[str, str]:
 def offline_wandb(tmp_path, monkeypatch):
     """W&B offline in this process; its service process is stopped at the end."""
     wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # settings an earlier W&B run in this worker left: read afresh from here
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     for name, value in wandb_env(tmp_path).items():
         monkeypatch.setenv(name, value)
     yield wandb
