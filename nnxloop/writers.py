@@ -246,6 +246,7 @@ class BackgroundWriter(MetricWriter):
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self._abandoned = False  # closed without waiting for the thread (see close)
         self._thread = threading.Thread(
             target=self._run, name=f"nnxloop-{type(writer).__name__}", daemon=True
         )
@@ -283,7 +284,7 @@ class BackgroundWriter(MetricWriter):
                 method, args = self._pending.popleft()
                 self._busy = True
             try:
-                if self.failed is None:
+                if self.failed is None and not self._abandoned:
                     getattr(self.writer, method)(*args)
             except Exception as exc:  # a tracker's failure must not end training
                 self.failed = exc
@@ -327,11 +328,15 @@ class BackgroundWriter(MetricWriter):
             self._cond.notify_all()
         self._thread.join(self.close_timeout)
         if self._thread.is_alive():
+            # Left behind: the call in flight may still finish, nothing after it reaches the
+            # writer (which the next fit may already be using).
             with self._cond:
                 waiting = sum(name == "write_scalars" for name, _ in self._pending)
+                self._pending.clear()
+                self._abandoned = True
             logging.getLogger("nnxloop").warning(
-                "%s did not finish within %g s; %d metric lines were still waiting for it "
-                "and are not written.",
+                "%s did not finish within %g s; the %d metric lines still waiting for it are "
+                "not written, nor the one it is writing, if it is.",
                 type(self.writer).__name__,
                 self.close_timeout or 0,
                 waiting,
@@ -455,6 +460,8 @@ class MLflowWriter(MetricWriter):
     def close(self):
         if self.run_id is not None:
             self._client.set_terminated(self.run_id, status=self._status)
+        # A later fit with this writer sets the run running again, and ends it as it ends.
+        self._status, self._synced = "FINISHED", False
 
 
 class WandbWriter(MetricWriter):

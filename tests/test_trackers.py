@@ -409,3 +409,83 @@ def test_a_tracker_that_does_not_answer_holds_up_a_failing_run_only_briefly(monk
         assert "Hanging did not finish within 0.5 s" in caplog.text
     finally:
         release.set()
+
+
+def test_a_writer_reused_after_a_failed_fit_ends_the_next_clean_fit_finished(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    writer = nl.writers.MLflowWriter(tracking_uri=uri, experiment="reuse")
+
+    class FailOnce(nl.Callback):
+        failed = False
+
+        def on_step_end(self, trainer, step, logs):
+            if step == 3 and not self.failed:
+                self.failed = True
+                raise RuntimeError("once")
+
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[nl.MetricsLogger(every_steps=2, writers=[writer]), FailOnce()],
+    )
+    with pytest.raises(RuntimeError):
+        trainer.fit(make_batches(), epochs=1)
+    trainer.fit(make_batches(), epochs=1)  # goes on from step 3 and ends cleanly
+    run = MlflowClient(tracking_uri=uri).get_run(writer.run_id)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_writer_left_behind_after_an_error_writes_nothing_into_the_next_fit(monkeypatch):
+    """A tracker that stalls past the close timeout of a failed fit: its old thread must not
+    write that fit's waiting lines, nor end or close the run, while the next fit uses it."""
+    monkeypatch.setattr(nl.MetricsLogger, "CLOSE_TIMEOUT_AFTER_ERROR", 0.2)
+    calls = []
+    second_fit = threading.Event()
+    unstall = threading.Event()
+
+    class StallsOnce(MetricWriter):
+        stalled = False
+
+        def write_scalars(self, step, scalars):
+            if not self.stalled:
+                self.stalled = True
+                unstall.wait(30)  # until the second fit is under way
+            calls.append(("write", step, second_fit.is_set()))
+
+        def end_run(self, status):
+            calls.append(("end_run", status, second_fit.is_set()))
+
+        def close(self):
+            calls.append(("close", None, second_fit.is_set()))
+
+    class FailOnce(nl.Callback):
+        failed = False
+
+        def on_step_end(self, trainer, step, logs):
+            if step == 6 and second_fit.is_set():
+                unstall.set()  # the old thread wakes while this fit still runs
+            time.sleep(0.05)
+            if step == 4 and not self.failed:
+                self.failed = True
+                raise RuntimeError("once")
+
+    writer = StallsOnce()
+    trainer = nl.Trainer(
+        make_model(),
+        tx(),
+        loss_fn=loss_fn,
+        callbacks=[nl.MetricsLogger(every_steps=1, writers=[writer]), FailOnce()],
+    )
+    with pytest.raises(RuntimeError):
+        trainer.fit(make_batches(), epochs=1)
+    second_fit.set()
+    trainer.fit(make_batches(), epochs=1)
+    time.sleep(0.5)  # what the old thread would still do, it has done by now
+    # The call in flight (step 1's line) finishes when the tracker answers; the first fit's
+    # lines 2..4 waiting behind it are dropped, and its end_run and close never reach the
+    # writer the second fit uses. The second fit's lines all do.
+    during_second = [c[:2] for c in calls if c[2] and c[:2] != ("write", 1)]
+    assert during_second == [("write", s) for s in range(5, 13)] + [("close", None)]
