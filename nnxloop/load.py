@@ -131,9 +131,10 @@ def _matching_state(
     return jax.tree_util.tree_unflatten(treedef, leaves), skipped
 
 
-def _with_averages(store: CheckpointStore, step: int, state: Any) -> Any:
-    """`state` (a model state loaded from `step`) with each parameter replaced by its moving
-    average, which the optimizer item of a run trained with `ema_decay` holds."""
+def _with_averages(store: CheckpointStore, step: int, state: Any, kept: set[str]) -> Any:
+    """`state` (a model state loaded from `step`) with each parameter it loaded replaced by
+    its moving average, which the optimizer item of a run trained with `ema_decay` holds;
+    the leaves named in `kept` (kept as built by `strict=False`) stay as they are."""
     optimizer = store.restore_model_as_saved(step, _one_device(), item=OPTIMIZER)
     averages = optimizer.get("ema", {}).get("params") if isinstance(optimizer, dict) else None
     if not averages:
@@ -143,19 +144,27 @@ def _with_averages(store: CheckpointStore, step: int, state: Any) -> Any:
             'weights="model".'
         )
     saved = {key_parts(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(averages)[0]}
-    params = nnx.state(state, nnx.Param) if isinstance(state, nnx.State) else None
+    param_paths = {
+        key_parts(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(state, nnx.Param))[0]
+    }
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves, replaced = [], 0
+    leaves, missing = [], []
     for path, leaf in flat:
-        value = saved.get(key_parts(path))
-        if value is not None and value.shape == leaf.shape:
-            leaf, replaced = value.astype(leaf.dtype), replaced + 1
+        parts = key_parts(path)
+        if parts in param_paths and jax.tree_util.keystr(path) not in kept:
+            value = saved.get(parts)
+            if value is None or value.shape != leaf.shape:
+                missing.append(jax.tree_util.keystr(path))
+            else:
+                leaf = value.astype(leaf.dtype)
         leaves.append(leaf)
-    wanted = len(jax.tree.leaves(params)) if params is not None else len(saved)
-    if replaced != wanted:
+    if missing:
         raise CheckpointError(
-            f"The moving average in the checkpoint of step {step} in {store.directory} covers "
-            f"{replaced} of the model's {wanted} parameters; it was written by another model."
+            f"The moving average in the checkpoint of step {step} in {store.directory} has no "
+            f"average of the shape of {missing[0]} (and {len(missing) - 1} more parameters) "
+            "although the checkpoint has the parameter: it was not written by nnxloop's "
+            'ema_decay. Load it with weights="model".'
         )
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -238,7 +247,8 @@ def load_model(
                     assert model is not None
                     state, skipped = _matching_state(store, candidate, model)
                 if weights == "ema":
-                    state = _with_averages(store, candidate, state)
+                    kept = {name for name, _ in skipped}  # as built: no average wanted
+                    state = _with_averages(store, candidate, state, kept)
                 chosen = candidate
                 break
             except CheckpointError:

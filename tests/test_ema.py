@@ -95,6 +95,22 @@ def test_the_average_is_resumed_bitwise_and_loads_with_load_model(tmp_path):
     loaded = nl.load_model(tmp_path / "whole", lambda: MLP(nnx.Rngs(1)), weights="ema")
     for a, b in zip(arrays(nnx.state(loaded, nnx.Param)), arrays(whole.optimizer.ema.params)):
         np.testing.assert_array_equal(a, b)
+
+    # Fine-tuning from the average: a new head keeps its initial values, the trunk is loaded.
+    class NewHead(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(6, 16, rngs=rngs)
+            self.l2 = nnx.Linear(16, 5, rngs=rngs)
+
+    built = NewHead(nnx.Rngs(3))
+    head = arrays(nnx.state(built.l2, nnx.Param))
+    tuned = nl.load_model(tmp_path / "whole", built, strict=False, weights="ema")
+    for a, b in zip(
+        arrays(nnx.state(tuned.l1, nnx.Param)), arrays(whole.optimizer.ema.params["l1"])
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(arrays(nnx.state(tuned.l2, nnx.Param)), head):
+        np.testing.assert_array_equal(a, b)
     trained = nl.load_model(tmp_path / "whole", lambda: MLP(nnx.Rngs(1)))
     for a, b in zip(
         arrays(nnx.state(trained, nnx.Param)), arrays(nnx.state(whole.model, nnx.Param))
