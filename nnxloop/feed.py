@@ -159,6 +159,10 @@ class IteratorFeed:
         self.iterator: Any = None
         length = _length(train_data)
         self.length = length // groups if length is not None else None
+        if length is not None and length % groups:
+            # The loop ends such an epoch after its last whole update, so the batches after
+            # it are never pulled (and the grouping iterator never sees them): said here.
+            remainder(length % groups)
 
     def changed(self) -> bool:
         return False  # a new iterator each epoch sees the data as it is then
@@ -173,12 +177,12 @@ class IteratorFeed:
         if data_state is not None and callable(set_state):
             set_state(data_state)
             return
-        skipped = data_lib.skip(self.iterator, position)
+        skipped = data_lib.skip(self.iterator, position) * self._groups
         # Worth a warning after a restore; a second fit call mid-epoch is routine.
         (log.warning if resumed else log.info)(
             "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
             "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
-            position,
+            position * self._groups,
             epoch,
             skipped,
         )

@@ -93,7 +93,8 @@ def test_batch_statistics_and_dropout_are_carried_from_micro_batch_to_micro_batc
     assert counts == [int(c[...]) for c in jax.tree.leaves(nnx.state(by_hand, nnx.RngCount))]
 
 
-def test_updates_land_where_asked_and_a_short_epoch_end_is_left_out(caplog):
+@pytest.mark.parametrize("stage_data", [None, False])
+def test_updates_land_where_asked_and_a_short_epoch_end_is_left_out(caplog, stage_data):
     """10 batches, 4 per update: 2 updates an epoch, the last 2 batches left out, with one
     warning for the whole fit; evaluations, stops and callbacks count updates."""
     seen = []
@@ -109,6 +110,7 @@ def test_updates_land_where_asked_and_a_short_epoch_end_is_left_out(caplog):
         gradient_accumulation_steps=4,
         callbacks=[Steps()],
         progress=False,
+        stage_data=stage_data,
     )
     with caplog.at_level(logging.WARNING, logger="nnxloop"):
         history = trainer.fit(
