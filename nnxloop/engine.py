@@ -191,11 +191,27 @@ def _as_metrics(out: Any, where: str) -> Metrics:
 
 
 def computed(metrics: Mapping[str, Any]) -> Metrics:
-    """Each metric as a float32 scalar: a metric state computed (traced or on the host)."""
-    return {
-        k: jnp.asarray(v.compute(), jnp.float32) if is_metric_state(v) else v
-        for k, v in metrics.items()
-    }
+    """Each training metric as a float32 scalar: a metric state computed, traced inside the
+    step (for each step's logs).
+
+    Raises:
+        TypeError: a state's `compute()` cannot be traced (it uses NumPy on the values).
+    """
+    out = {}
+    for k, v in metrics.items():
+        if not is_metric_state(v):
+            out[k] = v
+            continue
+        try:
+            out[k] = jnp.asarray(v.compute(), jnp.float32)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+            raise TypeError(
+                f"The training metric {k!r} ({type(v).__name__}) cannot be computed inside the "
+                "compiled step, where each step's value is computed for its logs: its compute() "
+                "turns traced values into NumPy arrays. Use jax.numpy in compute(), or return "
+                "the metric from eval_step only (computed once, on the host, where NumPy works)."
+            ) from e
+    return out
 
 
 def _check_additive(name: str, state: Any) -> None:
@@ -218,6 +234,23 @@ def _check_additive(name: str, state: Any) -> None:
             "Average, Accuracy and Std do, and counts). Return it from eval_step instead, or "
             "return a scalar."
         )
+
+
+def _empty(shape: Any) -> Any:
+    """The starting value of an accumulator entry shaped as `shape`: a metric state's own
+    `empty()` where it has the same arrays (a maximum starts at -inf, not 0), else zeros."""
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape)
+    if not is_metric_state(shape):
+        return zeros
+    try:
+        empty = type(shape).empty()
+    except Exception:  # an empty() that needs arguments, or none at all
+        return zeros
+    fits = jax.tree.structure(empty) == jax.tree.structure(zeros) and all(
+        np.shape(e) == z.shape and np.asarray(e).dtype == z.dtype
+        for e, z in zip(jax.tree.leaves(empty), jax.tree.leaves(zeros))
+    )
+    return jax.tree.map(np.asarray, empty) if fits else zeros
 
 
 def host_value(name: str, state: Any) -> float:
@@ -414,9 +447,9 @@ class StepEngine:
     # -- host API -------------------------------------------------------------------------
 
     def _zeros(self, shapes: Mapping[str, Any]) -> tuple[Metrics, jax.Array]:
-        """A zero accumulator for metrics shaped as `shapes` (from `eval_shape`): a metric
-        state's arrays all zero, which is its empty state."""
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+        """A fresh accumulator for metrics shaped as `shapes` (from `eval_shape`): zeros, and
+        for a metric state its `empty()` when that has the state's shapes (else all zeros)."""
+        zeros = {k: _empty(v) for k, v in shapes.items()}
         return jax.device_put((zeros, np.zeros((), np.float32)), self._replicated)
 
     def _abstract_leaves(self):

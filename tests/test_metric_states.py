@@ -188,3 +188,50 @@ def test_metric_states_that_cannot_be_used_say_why():
     trainer = Evaluating(Tiny(nnx.Rngs(0)), optax.sgd(0.1), loss_fn=accuracy_loss)
     with pytest.raises(ValueError, match=r"'per_class' \(PerClass\) computes to an array"):
         trainer.evaluate(make_batches(2))
+
+
+def test_an_evaluation_state_starts_from_its_own_empty_state():
+    """A maximum over the validation set: its empty state is -inf, not 0, so a set of
+    negative values still reports its own maximum."""
+
+    @flax.struct.dataclass
+    class Maximum(metrics.Metric):
+        value: jnp.ndarray
+
+        @classmethod
+        def empty(cls):
+            return cls(value=jnp.array(-jnp.inf, jnp.float32))
+
+        @classmethod
+        def from_model_output(cls, values, **_):
+            return cls(value=values.max().astype(jnp.float32))
+
+        def merge(self, other):
+            return type(self)(jnp.maximum(self.value, other.value))
+
+        def compute(self):
+            return self.value
+
+    class Evaluating(nl.Trainer):
+        def eval_step(self, model, batch):
+            return {"max_logit": Maximum.from_model_output(-jnp.abs(model(batch["x"])) - 1.0)}
+
+    batches = make_batches(3)
+    trainer = Evaluating(Tiny(nnx.Rngs(0)), optax.sgd(0.1), loss_fn=accuracy_loss)
+    got = trainer.evaluate(batches)["max_logit"]
+    model = trainer.model
+    want = max(float((-np.abs(np.asarray(model(b["x"]))) - 1.0).max()) for b in batches)
+    assert got == pytest.approx(want, abs=1e-6) and got < -1.0
+
+
+def test_a_training_state_computed_with_numpy_is_refused_saying_why():
+    def f1_loss(model, batch):
+        logits = model(batch["x"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return loss, {"f1": MacroF1.from_model_output(logits=logits, labels=batch["y"])}
+
+    trainer = nl.Trainer(Tiny(nnx.Rngs(0)), optax.sgd(0.1), loss_fn=f1_loss)
+    with pytest.raises(
+        TypeError, match="'f1' \\(MacroF1\\) cannot be computed inside the compiled"
+    ):
+        trainer.fit(make_batches(2), epochs=1)
