@@ -6,6 +6,9 @@ call, against the same run with no logger, side by side.
 The writer runs on its own thread (`nl.writers.BackgroundWriter`), so the steps go on while it
 sleeps. Runs are paired back to back and the median of the per-pair ratios reported; an A/A
 row (the logger-less run against itself) shows how much of a ratio is the machine's noise.
+As wall-time ratios cannot resolve a few percent on a shared machine, the training thread's
+own CPU time per step (`time.thread_time`) is measured with and without the logger too: its
+difference, as a share of a step's wall time, is what the logger takes from training.
 Floor (tracking issue): within 3% of the logger-less run, on 784-256-256-10/b128 logging every
 50 steps and on 784-32-32-10/b32 logging every 500 steps.
 """
@@ -44,13 +47,32 @@ class SlowWriter(nl.writers.MetricWriter):
         time.sleep(self.delay)
 
 
-def fit(sizes, batches, steps, k, every_steps=None):
-    """steps/s of `Trainer.fit`; with `every_steps`, a `MetricsLogger` holding only a
-    `SlowWriter` logs every `every_steps` steps."""
+def fit(sizes, batches, steps, k, every_steps=None, clock=time.perf_counter):
+    """steps/s of `Trainer.fit` (per second of `clock`); with `every_steps`, a
+    `MetricsLogger` holding only a `SlowWriter` logs every `every_steps` steps."""
     callbacks = []
     if every_steps is not None:
         callbacks.append(nl.MetricsLogger(every_steps=every_steps, writers=[SlowWriter()]))
-    return trainer_loop(sizes, batches, steps, k, callbacks=callbacks)
+    return trainer_loop(sizes, batches, steps, k, callbacks=callbacks, clock=clock)
+
+
+def training_thread(name, sizes, batches, steps, k, every, repeats):
+    """What the logger costs the training thread itself: its CPU time per step
+    (`time.thread_time`, which other processes on the machine hardly disturb) with and
+    without the logger, the difference as a share of the wall time of a step."""
+    plain, logged, wall = [], [], []
+    for _ in range(repeats):
+        plain.append(1e6 / fit(sizes, batches, steps, k, clock=time.thread_time))
+        logged.append(1e6 / fit(sizes, batches, steps, k, every, clock=time.thread_time))
+        wall.append(1e6 / fit(sizes, batches, steps, k))
+    extra = statistics.median(logged) - statistics.median(plain)
+    share = extra / statistics.median(wall)
+    print(
+        f"  {name:5s} training thread CPU per step: no logger {spread(plain, '.1f')} us, slow "
+        f"writer {spread(logged, '.1f')} us; +{extra:.2f} us = {share:.2%} of a "
+        f"{statistics.median(wall):.1f} us step"
+    )
+    return share
 
 
 def paired(name, no_logger, slow, repeats, labels=("no logger", "slow writer")):
@@ -116,6 +138,10 @@ def main(argv=None):
         # machine's noise, which a ratio above must stand out of to mean anything.
         plain = functools.partial(fit, sizes, batches, steps, 1)
         paired("A/A", plain, plain, repeats, labels=("no logger", "again"))
+        for k in (1, 8):
+            results[(name, k, "thread")] = training_thread(
+                f"K={k}", sizes, batches, steps, k, every, max(3, repeats // 3)
+            )
     return results
 
 
