@@ -182,6 +182,7 @@ def test_wandb_writer_logs_steps_config_and_texts(offline_wandb, tmp_path):
     assert writer.state_dict()["unsaved"], "W&B has not saved the last rows yet"
     writer.close()
     assert writer.state_dict() == {"run_id": writer.run_id, "unsaved": []}
+    offline_wandb.teardown()  # W&B's service writes its last records as it stops
     records = wandb_records(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))[0])
     rows = [(r.history.step.num, set(history_row(r))) for r in records]
     assert [(step, keys & {"loss", "val_loss"}) for step, keys in rows if keys] == [
@@ -201,6 +202,7 @@ def test_a_failed_fit_ends_its_wandb_run_with_a_failure(offline_wandb, tmp_path)
     writer.write_scalars(2, {"loss": 1.0})
     writer.end_run("FAILED")
     writer.close()
+    offline_wandb.teardown()  # W&B's service writes its last records as it stops
     records = wandb_records(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))[0])
     exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
