@@ -493,6 +493,9 @@ class StepEngine:
         return fn
 
     def _train_fn(self, stacked: bool):
+        fn = self._train_fns.get(("host", stacked))
+        if fn is not None:  # (the shardings below cost ~20 us to build: not on every step)
+            return fn
         return self._compiled(
             ("host", stacked),
             lambda leaves, acc, batch: self._train_impl(leaves, acc, batch, stacked),
@@ -500,6 +503,9 @@ class StepEngine:
         )
 
     def _staged_fn(self, steps: int):
+        fn = self._train_fns.get(("staged", steps))
+        if fn is not None:
+            return fn
         return self._compiled(
             ("staged", steps),
             lambda leaves, acc, data, start: self._staged_impl(leaves, acc, data, start, steps),
