@@ -118,14 +118,13 @@ def group(batches: list[Any]) -> Any:
 
 
 class GroupedIterator:
-    """Consecutive groups of `n` batches of `iterator`, each stacked by `group`: the batches
-    of one update with `gradient_accumulation_steps=n`. Ends when fewer than `n` are left
-    (reported to `remainder`). Has `get_state` / `set_state` when `iterator` has them: taken
-    between groups, the inner state is on a group boundary."""
+    """Consecutive groups of `remainder.groups` batches of `iterator`, each stacked by
+    `group`: the batches of one update with that `gradient_accumulation_steps`. Ends when
+    fewer are left (reported to `remainder`). Has `get_state` / `set_state` when `iterator`
+    has them: taken between groups, the inner state is on a group boundary."""
 
-    def __init__(self, iterator: Any, n: int, remainder: Remainder):
+    def __init__(self, iterator: Any, remainder: Remainder):
         self.inner = iterator
-        self.n = n
         self.remainder = remainder
         for name in ("get_state", "set_state"):
             method = getattr(iterator, name, None)
@@ -137,7 +136,7 @@ class GroupedIterator:
 
     def __next__(self) -> Any:
         batches = []
-        for _ in range(self.n):
+        for _ in range(self.remainder.groups):
             try:
                 batches.append(next(self.inner))
             except StopIteration:
@@ -154,7 +153,7 @@ class IteratorFeed:
     def __init__(self, train_data: Iterable[Any], mesh: Mesh, remainder: Remainder):
         self.data = train_data
         self._mesh = mesh
-        groups = self._groups = remainder.groups
+        groups = remainder.groups
         self._remainder = remainder
         self.iterator: Any = None
         length = _length(train_data)
@@ -169,20 +168,20 @@ class IteratorFeed:
 
     def open(self, position: int, data_state: Any, resumed: bool, epoch: int) -> None:
         self.iterator = iter(self.data)
-        if self._groups > 1:
-            self.iterator = GroupedIterator(self.iterator, self._groups, self._remainder)
+        if self._remainder.groups > 1:
+            self.iterator = GroupedIterator(self.iterator, self._remainder)
         if not position:
             return
         set_state = getattr(self.iterator, "set_state", None)
         if data_state is not None and callable(set_state):
             set_state(data_state)
             return
-        skipped = data_lib.skip(self.iterator, position) * self._groups
+        skipped = data_lib.skip(self.iterator, position) * self._remainder.groups
         # Worth a warning after a restore; a second fit call mid-epoch is routine.
         (log.warning if resumed else log.info)(
             "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
             "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
-            position * self._groups,
+            position * self._remainder.groups,
             epoch,
             skipped,
         )
@@ -194,7 +193,7 @@ class IteratorFeed:
                 batches.append(next(self.iterator))
             except StopIteration:
                 break
-        grouped = self._groups > 1
+        grouped = self._remainder.groups > 1
         return host_dispatches(batches, k, self._mesh, grouped=grouped) if batches else []
 
 

@@ -93,7 +93,7 @@ def _matching_state(
     meta = store.read_meta(step)
     if meta.get("step", step) != step:
         raise ValueError(f"its meta says step {meta.get('step')!r}, its directory says {step}")
-    saved_tree = store.restore_model_as_saved(step, _one_device())
+    saved_tree = store.restore_as_saved(step, _one_device())
     saved = {
         key_parts(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
     }
@@ -135,7 +135,7 @@ def _with_averages(store: CheckpointStore, step: int, state: Any, kept: set[str]
     """`state` (a model state loaded from `step`) with each parameter it loaded replaced by
     its moving average, which the optimizer item of a run trained with `ema_decay` holds;
     the leaves named in `kept` (kept as built by `strict=False`) stay as they are."""
-    optimizer = store.restore_model_as_saved(step, _one_device(), item=OPTIMIZER)
+    optimizer = store.restore_as_saved(step, _one_device(), item=OPTIMIZER)
     averages = optimizer.get("ema", {}).get("params") if isinstance(optimizer, dict) else None
     if not averages:
         raise CheckpointError(

@@ -1,5 +1,5 @@
 """Reading the steps a Weights & Biases run has saved, from its `.wandb` files (for
-`nl.writers.WandbWriter`, which must not log a step twice after a resume)."""
+`nl.writers.WandbWriter`, in `nnxloop.trackers`, which must not log a step twice after a resume)."""
 
 from __future__ import annotations
 

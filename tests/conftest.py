@@ -85,6 +85,18 @@ def save_final_state(trainer, path) -> None:
     np.savez(path, *leaves)
 
 
+class PlainMLP(nnx.Module):
+    """Linear -> relu -> Linear: no batch statistics, no dropout, so a batch's loss is the
+    mean of its examples' (batches can be split or joined without changing an update)."""
+
+    def __init__(self, rngs: nnx.Rngs, din: int = 6, hidden: int = 32, dout: int = 3):
+        self.l1 = nnx.Linear(din, hidden, rngs=rngs)
+        self.l2 = nnx.Linear(hidden, dout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.l1(x)))
+
+
 def make_model(seed: int = 0) -> TinyNet:
     return TinyNet(nnx.Rngs(seed))
 

@@ -5,9 +5,8 @@ import logging
 
 import jax
 import numpy as np
-import optax
 import pytest
-from conftest import TinyNet, make_batches, sgd
+from conftest import PlainMLP, TinyNet, loss_fn, make_batches, sgd
 from flax import nnx
 from jax.sharding import AxisType
 from parallel_models import ColumnRowMLP
@@ -15,22 +14,7 @@ from parallel_models import loss_fn as parallel_loss_fn
 
 import nnxloop as nl
 
-
-class MLP(nnx.Module):
-    """No batch statistics, no dropout: the loss of a batch is the mean of its examples'."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.l1 = nnx.Linear(6, 32, rngs=rngs)
-        self.l2 = nnx.Linear(32, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
-
-
-def loss_fn(model, batch):
-    logits = model(batch["x"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+MLP = PlainMLP  # 6-32-3
 
 
 def concatenated(batches, n):

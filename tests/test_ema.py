@@ -3,27 +3,15 @@
 
 import jax
 import numpy as np
-import optax
 import pytest
-from conftest import make_batches, sgd
+from conftest import PlainMLP, loss_fn, make_batches, sgd
 from flax import nnx
 
 import nnxloop as nl
 
 
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(6, 16, rngs=rngs)
-        self.l2 = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.l2(nnx.relu(self.l1(x)))
-
-
-def loss_fn(model, batch):
-    logits = model(batch["x"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+def MLP(rngs):
+    return PlainMLP(rngs, hidden=16)
 
 
 def arrays(tree):

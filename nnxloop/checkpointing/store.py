@@ -304,7 +304,7 @@ class CheckpointStore:
         optimizer = restored[OPTIMIZER] if abstract_optimizer is not None else None
         return restored[MODEL], optimizer
 
-    def restore_model_as_saved(
+    def restore_as_saved(
         self, step: int, sharding: jax.sharding.Sharding, *, item: str = MODEL
     ) -> Any:
         """The `model` item (or the `optimizer` item) of `step` in the tree it was saved as
