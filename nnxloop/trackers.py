@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nnxloop import wandb_files
-from nnxloop.writers import MetricWriter, Scalars
+from nnxloop.metric_writer import MetricWriter, Scalars
 
 
 class MLflowWriter(MetricWriter):

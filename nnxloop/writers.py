@@ -20,31 +20,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-Scalars = Mapping[str, float]
+from nnxloop.metric_writer import MetricWriter, Scalars
 
-
-class MetricWriter:
-    """The writer interface. Every method is a no-op unless a backend overrides it."""
-
-    def write_scalars(self, step: int, scalars: Scalars) -> None:
-        """Writes named scalar values at `step`."""
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Records the run's hyper-parameters."""
-
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        """Writes named text blocks at `step`."""
-
-    def flush(self) -> None:
-        """Makes everything written so far durable."""
-
-    def end_run(self, status: str) -> None:
-        """Called before `close` when the run did not end cleanly: `status` is `"FAILED"`
-        (an exception ended `fit`) or `"KILLED"` (Ctrl-C). A tracker marks its run so."""
-
-    def close(self) -> None:
-        """Flushes and releases the writer."""
-        self.flush()
+# The trackers are written in their own module (each imports its library only when built) and
+# named here with the other writers: `nl.writers.MLflowWriter`, `nl.writers.WandbWriter`.
+from nnxloop.trackers import MLflowWriter, WandbWriter
 
 
 class TensorBoardWriter(MetricWriter):
@@ -349,10 +329,6 @@ class BackgroundWriter(MetricWriter):
         if callable(load):
             load(state)
 
-
-# The trackers are written in their own module (each imports its library only when built) and
-# named here with the other writers: `nl.writers.MLflowWriter`, `nl.writers.WandbWriter`.
-from nnxloop.trackers import MLflowWriter, WandbWriter  # noqa: E402
 
 __all__ = [
     "BackgroundWriter",
