@@ -38,8 +38,11 @@ def loss_fn(model, batch):
     return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
 
 
-def digits_datasets(batch_size: int, seed: int = 0):
-    """Train/validation splits of the digits as grain datasets of dict batches."""
+def digits_datasets(batch_size: int, seed: int = 0, share: tuple[int, int] = (0, 1)):
+    """Train/validation splits of the digits as grain datasets of dict batches.
+
+    `share=(index, count)`: only every `count`-th example from the `index`-th, the share of
+    process `index` of `count` (each process's batches then hold `batch_size` examples)."""
     digits = load_digits()
     images = (digits.data / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int32)
@@ -51,8 +54,9 @@ def digits_datasets(batch_size: int, seed: int = 0):
         records = [{"image": images[i], "label": labels[i]} for i in idx]
         ds = grain.MapDataset.source(records)
         if shuffle:
-            ds = ds.shuffle(seed=seed)
-        return ds.batch(batch_size, drop_remainder=shuffle)
+            ds = ds.shuffle(seed=seed)  # the same order on every process
+        index, count = share
+        return ds[index::count].batch(batch_size, drop_remainder=shuffle)
 
     return dataset(train_idx, shuffle=True), dataset(val_idx, shuffle=False)
 

@@ -101,6 +101,32 @@ def _unshared(moved: jax.Array, source: Any) -> jax.Array:
     return jax.make_array_from_single_device_arrays(moved.shape, moved.sharding, pieces)
 
 
+def _assembled(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` (the same value on every process) laid out with a sharding whose mesh spans
+    several processes, built from this process's device pieces, each a buffer of its own.
+
+    `device_put` of a device array to such a sharding is not usable when the process has one
+    device: the result's one shard is the array itself with the global sharding, and reading
+    its shards fails. So each of this process's devices gets its piece directly: the whole
+    array by a device-to-device copy (nothing compiled) where the piece is all of it, a slice
+    of one host copy otherwise.
+    """
+    shape = np.shape(x)
+    host = None if isinstance(x, jax.Array) else np.asarray(x)
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        whole = all(
+            isinstance(i, slice) and i.indices(n) == (0, n, 1) for i, n in zip(index, shape)
+        )
+        if whole and host is None:
+            pieces.append(jax.device_put(x, device, may_alias=False))
+            continue
+        if host is None:
+            host = np.asarray(x)
+        pieces.append(jax.device_put(np.array(host[index]), device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
 def place_all(
     leaves: list[Any], shardings: list[NamedSharding], *, copy: bool = True
 ) -> list[jax.Array]:
@@ -117,6 +143,9 @@ def place_all(
     for i, (x, sharding) in enumerate(zip(out, shardings)):
         if isinstance(x, jax.Array) and _laid_out(x, sharding):
             in_place.append(i)
+            continue
+        if not sharding.is_fully_addressable:
+            out[i] = _assembled(x, sharding)  # a buffer of its own on each device
             continue
         moved = jax.device_put(x, sharding)
         out[i] = _unshared(moved, x) if copy else moved

@@ -146,6 +146,12 @@ class GroupedIterator:
         return group(batches)
 
 
+def _describe(iterator: Any) -> str:
+    """`iterator`'s type for a message (the user's, inside a grouping iterator)."""
+    inner = iterator.inner if isinstance(iterator, GroupedIterator) else iterator
+    return f"{type(inner).__name__} iterator"
+
+
 class IteratorFeed:
     """Pulls each epoch's batches from a new iterator over `train_data`, only as they are used,
     so the iterator's position (and its checkpointed state) always matches the steps done."""
@@ -179,11 +185,13 @@ class IteratorFeed:
         skipped = data_lib.skip(self.iterator, position) * self._remainder.groups
         # Worth a warning after a restore; a second fit call mid-epoch is routine.
         (log.warning if resumed else log.info)(
-            "Resuming at batch %d of epoch %d: skipped %d batches by iterating (give "
-            "train_data a get_state/set_state iterator, e.g. grain's, to resume in O(1)).",
+            "Resuming at batch %d of epoch %d: skipped %d batches by iterating over the %s "
+            "(no saved state to restore it from; give train_data a get_state/set_state "
+            "iterator, e.g. grain's, to resume in O(1)).",
             position * self._remainder.groups,
             epoch,
             skipped,
+            _describe(self.iterator),
         )
 
     def take(self, n: int, k: int) -> list[Dispatch]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, NonFiniteStateError
-from nnxloop.training_checkpoint import Checkpointed, first_line, training_meta
+from nnxloop.training_checkpoint import Checkpointed, first_line, process_data, training_meta
 
 log = logging.getLogger("nnxloop")
 
@@ -112,7 +112,12 @@ class SaveCoordinator:
             # held until the save's own part is done, then raised.
             with _interrupts_after():
                 saved = store.save(
-                    step, trainer.engine.state(), meta, metrics=metrics, async_=self.async_enabled
+                    step,
+                    trainer.engine.state(),
+                    meta,
+                    metrics=metrics,
+                    async_=self.async_enabled,
+                    process_data=process_data(trainer),
                 )
         except NonFiniteStateError as exc:
             self._refuse(exc, store, on_refused)

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -18,7 +19,7 @@ from nnxloop.callbacks.base import Callback, CallbackList
 from nnxloop.checkpointing import CheckpointStore
 from nnxloop.checks import positive_int
 from nnxloop.ema import EMAOptimizer, check_decay
-from nnxloop.engine import StepEngine, is_metric_state, partition_specs
+from nnxloop.engine import StepEngine, is_metric_state, partition_specs, place_all
 from nnxloop.feed import group
 from nnxloop.history import History
 from nnxloop.loop import FitRun
@@ -364,7 +365,7 @@ class Trainer:
             )
         leaves = list(self._engine.leaves)
         old = leaves[index]
-        leaves[index] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+        leaves[index] = place_all([np.asarray(value, old.dtype)], [old.sharding])[0]
         self._engine.set_leaves(leaves)
         if self._run is None:
             self._engine.sync_to_objects()

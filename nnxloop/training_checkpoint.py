@@ -112,12 +112,20 @@ def _decode(data_state: Any) -> Any:
     return data_state
 
 
+def process_data(trainer: Checkpointed) -> dict[str, Any] | None:
+    """With several processes, this process's own data-iterator state, for the checkpoint's
+    `data` item (a file per process); None in a single process (it goes in `meta`)."""
+    if jax.process_count() == 1:
+        return None
+    return {"data_state": _encode(trainer.data_state())}
+
+
 def training_meta(trainer: Checkpointed) -> dict[str, Any]:
     """The JSON item of a training checkpoint for the trainer's current state."""
     engine = trainer.engine
     shapes = path_shapes(engine.state()[0])
-    # Each process has its own iterator but orbax writes the JSON item from process 0 only,
-    # so with several processes a resume skips to the position instead.
+    # Each process has its own iterator but orbax writes the JSON item from process 0 only:
+    # with several processes each one's state goes in the `data` item (`process_data`).
     data_state = _encode(trainer.data_state()) if jax.process_count() == 1 else None
     return {
         "step": trainer.step,
@@ -131,6 +139,7 @@ def training_meta(trainer: Checkpointed) -> dict[str, Any]:
         "fingerprint": fingerprint(path_shapes(engine.state())),
         "model_shapes": shapes,
         "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
         "steps_per_dispatch": trainer.steps_per_dispatch,
         "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
         "time": time.time(),
@@ -155,6 +164,32 @@ def _check_accumulation(meta: dict[str, Any], trainer: Checkpointed, where: str)
             f"Resume with gradient_accumulation_steps={saved}, or start a new run in another "
             "directory (nl.load_model loads its weights)."
         )
+
+
+def _restored_data_state(meta: dict[str, Any], store: CheckpointStore, step: int) -> Any:
+    """This process's data-iterator state saved at `step`: from `meta` in a single process,
+    from the process's own file of the `data` item with several. A checkpoint written by
+    another number of processes has none for this run's processes (its batches were shared
+    out otherwise): each skips to the saved position by iterating, which the warning says."""
+    written_by, here = int(meta.get("process_count", 1)), jax.process_count()
+    if written_by != here:
+        if meta.get("position"):
+            log.warning(
+                "The checkpoint of step %d in %s was written by %d process(es) and this run "
+                "has %d: their data iterators' states do not match this run's processes, so "
+                "each process gets back to its place in the epoch by iterating over the %d "
+                "batches it had consumed (replay).",
+                step,
+                store.directory,
+                written_by,
+                here,
+                meta["position"],
+            )
+        return None
+    if here == 1:
+        return _decode(meta.get("data_state"))
+    saved = store.read_process_data(step)
+    return _decode(saved.get("data_state")) if saved is not None else None
 
 
 def restore_training(trainer: Checkpointed, store: CheckpointStore) -> int | None:
@@ -206,7 +241,7 @@ def restore_training(trainer: Checkpointed, store: CheckpointStore) -> int | Non
             step=meta["step"],
             epoch=meta["epoch"],
             position=meta["position"],
-            data_state=_decode(meta.get("data_state")),
+            data_state=_restored_data_state(meta, store, step),
             stopped=bool(meta.get("stopped", False)),
         )
         restore_callback_states(

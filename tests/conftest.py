@@ -135,6 +135,11 @@ def sgd():
     return optax.sgd(0.05, momentum=0.9)
 
 
+def injected_sgd():
+    """`sgd()` with its learning rate in the optimizer state (`set_learning_rate` works)."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9)
+
+
 def leaves_of(model):
     return jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
 

@@ -103,3 +103,47 @@ def test_char_lm_trains_with_async_checkpoints_and_logs(tmp_path):
 def test_resume_after_preemption_is_bitwise(tmp_path):
     example = load("resume_after_preemption")
     assert example.main(["--workdir", str(tmp_path), "--epochs", "2", "--stop-at", "10"])
+
+
+@pytest.mark.slow
+def test_one_device_per_process_runs_on_two_processes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "one_device_per_process.py"), "--epochs", "2"]
+            + ["--workdir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=180)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, 9)
+                proc.wait(timeout=30)
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    finals = []
+    for i, out in enumerate(outs):
+        assert f"process {i} of 2: 1 local device(s), 2 in all" in out, out[-3000:]
+        finals.append(out.split(f"process {i}: ", 1)[1].splitlines()[0])
+    assert finals[0] == finals[1] and finals[0].startswith("step 44,")  # 22 steps an epoch
+    # Each process saved its own grain iterator state with the checkpoints:
+    files = os.listdir(tmp_path / "ckpt" / "40" / "data")
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(files)

@@ -1,6 +1,9 @@
-"""Two processes on 127.0.0.1 (gloo collectives), each with 2 CPU devices."""
+"""Two processes on 127.0.0.1 (gloo collectives), in both layouts: one CPU device per process
+(one accelerator per process, as most clusters launch) and two per process."""
 
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,13 +13,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import loss_fn, make_batches, make_model, sgd, subprocess_env
+from conftest import injected_sgd, loss_fn, make_batches, make_model, subprocess_env
 from flax import nnx
 
 import nnxloop as nl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 150
+LAYOUTS = [1, 2]  # devices per process
+LEARNING_RATE = 0.03  # what multiprocess_run.py sets before its fit
 
 
 def free_port():
@@ -25,7 +30,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(workdir):
+def launch(workdir, devices):
     port = free_port()
     env = subprocess_env(PYTHONUNBUFFERED="1")
     return [
@@ -36,6 +41,7 @@ def launch(workdir):
                 str(i),
                 str(port),
                 str(workdir),
+                str(devices),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -75,24 +81,26 @@ def npz(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("two_processes")
-    outs = finish(launch(workdir))
-    return workdir, outs
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda d: f"{d}-device-per-process")
+def two_process_run(request, tmp_path_factory):
+    """A run never stopped, in each layout: (workdir, outputs, devices per process)."""
+    workdir = tmp_path_factory.mktemp(f"two_processes_{request.param}")
+    outs = finish(launch(workdir, request.param))
+    return workdir, outs, request.param
 
 
 @pytest.mark.slow
 def test_processes_agree_and_match_one_process(two_process_run):
-    workdir, outs = two_process_run
+    workdir, outs, _ = two_process_run
     for out in outs:
         assert "done 36" in out, out[-2000:]
     p0, p1 = npz(workdir / "final_0.npz"), npz(workdir / "final_1.npz")
     for a, b in zip(p0, p1):
         assert np.array_equal(a, b)  # every process holds the same parameters, bitwise
 
-    # One process with the same 4 devices and the same global batches:
-    trainer = nl.Trainer(make_model(), sgd(), loss_fn=loss_fn, steps_per_dispatch=2)
+    # One process with 4 devices and the same global batches and learning rate:
+    trainer = nl.Trainer(make_model(), injected_sgd(), loss_fn=loss_fn, steps_per_dispatch=2)
+    trainer.set_learning_rate(LEARNING_RATE)
     trainer.fit(make_batches(n_batches=12), epochs=3)
     one = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))]
     for a, b in zip(p0, one):
@@ -106,7 +114,7 @@ def test_processes_agree_and_match_one_process(two_process_run):
 
 @pytest.mark.slow
 def test_only_process_0_logs(two_process_run):
-    workdir, _ = two_process_run
+    workdir, _, _ = two_process_run
     events = [n for n in os.listdir(workdir / "logs") if n.startswith("events")]
     assert len(events) == 1
     with open(workdir / "logs" / "metrics.jsonl") as f:
@@ -115,22 +123,62 @@ def test_only_process_0_logs(two_process_run):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
-    procs = launch(tmp_path)
+def test_sigterm_to_one_process_stops_all_and_the_rerun_ends_bitwise(
+    two_process_run, tmp_path, caplog
+):
+    never_stopped, _, devices = two_process_run
+    procs = launch(tmp_path, devices)
     try:
-        wait_for(procs[1], "step 10")
+        wait_for(procs[1], "step 14")  # mid-epoch (12 steps each): the stop is too, mostly
         procs[1].send_signal(signal.SIGTERM)
     finally:
         outs = finish(procs)
     stops = [int(out.split("preempted ", 1)[1].split()[0]) for out in outs]
-    assert stops[0] == stops[1] and 10 <= stops[0] < 36
+    assert stops[0] == stops[1] and 14 <= stops[0] < 36
     assert str(stops[0]) in os.listdir(tmp_path / "ckpt")
     assert all(p.returncode == 0 for p in procs)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "for_one_process")
+
+    # The rerun of the same command restores each process's own iterator state (no replay of
+    # the consumed batches) and ends where the run never stopped ends, bit for bit.
+    procs = launch(tmp_path, devices)
+    outs = finish(procs)
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
+    position = stops[0] % 12
+    for process_id, out in enumerate(outs):
+        assert "done 36" in out, out[-3000:]
+        if position:  # a stop on an epoch's end opens the next epoch from its start
+            assert f"set_state {process_id} {position}" in out, out[-3000:]
+        assert "by iterating" not in out, out[-3000:]
+    for i in range(2):
+        for a, b in zip(npz(tmp_path / f"final_{i}.npz"), npz(never_stopped / "final_0.npz")):
+            assert np.array_equal(a, b)
+
+    # Resumed by one process, the checkpoint holds no iterator state for it: it replays the
+    # consumed batches, saying why, and trains on to the end.
+    class Batches:  # global batches, from an iterator with no state
+        def __iter__(self):
+            return iter(make_batches(n_batches=12))
+
+    trainer = nl.Trainer(
+        make_model(),
+        injected_sgd(),
+        loss_fn=loss_fn,
+        steps_per_dispatch=2,
+        callbacks=[nl.CheckpointCallback(tmp_path / "for_one_process", every_steps=4)],
+    )
+    with caplog.at_level(logging.WARNING, logger="nnxloop"):
+        trainer.fit(Batches(), epochs=3)
+    assert trainer.step == 36
+    if position:
+        assert "written by 2 process(es) and this run has 1" in caplog.text, caplog.text
+        assert f"skipped {position} batches by iterating over the list_iterator" in caplog.text
 
 
 @pytest.mark.slow
-def test_a_dead_process_makes_the_other_fail_fast(tmp_path):
-    procs = launch(tmp_path)
+@pytest.mark.parametrize("devices", LAYOUTS)
+def test_a_dead_process_makes_the_other_fail_fast(tmp_path, devices):
+    procs = launch(tmp_path, devices)
     try:
         wait_for(procs[1], "step 6")
         os.kill(procs[1].pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ on float weights it saves ~8% of the disk space and costs most of the save time 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -27,6 +28,15 @@ from nnxloop.checkpointing.errors import NonFiniteStateError
 
 MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
 META_FILE = "metadata"  # the file orbax's JSON handler writes the `meta` item to
+# With several processes: each process's data-iterator state, one JSON file per process.
+DATA = "data"
+
+
+def process_file(index: int | None = None, count: int | None = None) -> str:
+    """The file of the `data` item that process `index` of `count` (this one) writes."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return f"process_{index}-of-{count}.json"
 
 
 def finite_flag(tree: Any) -> jax.Array:
@@ -115,6 +125,17 @@ class _MetaHandler(_Gated, ocp.JsonCheckpointHandler):
     """orbax's JSON handler, write gated."""
 
 
+class _ProcessDataHandler(_Gated, ocp.JsonCheckpointHandler):
+    """orbax's JSON handler, but every process writes (and reads) a file of its own,
+    `process_<index>-of-<count>.json`: each has its own data iterator. Write gated."""
+
+    def __init__(self):
+        super().__init__(filename=process_file())
+
+    async def _save_fn(self, x, directory):
+        (directory / self._filename).write_text(json.dumps(x))
+
+
 @ocp.args.register_with_handler(_ArraysHandler, for_save=True)
 @dataclasses.dataclass
 class _ArraysSave(ocp.args.PyTreeSave):
@@ -139,25 +160,42 @@ class MetaRestore(ocp.args.JsonRestore):
     """Reads the `meta` item through a store's manager."""
 
 
+@ocp.args.register_with_handler(_ProcessDataHandler, for_save=True)
+@dataclasses.dataclass
+class _ProcessDataSave(ocp.args.JsonSave):
+    gate: _Gate | None = None
+
+
+@ocp.args.register_with_handler(_ProcessDataHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessDataRestore(ocp.args.JsonRestore):
+    """Reads this process's file of the `data` item through a store's manager."""
+
+
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
     """The handlers of a store's `CheckpointManager` (new ones per manager)."""
     return {
         MODEL: _ArraysHandler(),
         OPTIMIZER: _ArraysHandler(),
         META: _MetaHandler(filename=META_FILE),
+        DATA: _ProcessDataHandler(),
     }
 
 
-def guarded_save_args(state: tuple[Any, Any], meta: dict[str, Any], step: int):
-    """orbax save arguments for `(model, optimizer)` state and meta, gated on finiteness."""
+def guarded_save_args(
+    state: tuple[Any, Any], meta: dict[str, Any], step: int, process_data: Any = None
+):
+    """orbax save arguments for `(model, optimizer)` state and meta, gated on finiteness;
+    with `process_data` (a JSON value per process), the `data` item too."""
     gate = _Gate(finite_flag(state), step)
-    return ocp.args.Composite(
-        **{
-            MODEL: _ArraysSave(state[0], gate=gate),
-            OPTIMIZER: _ArraysSave(state[1], gate=gate),
-            META: _MetaSave(meta, gate=gate),
-        }
-    )
+    items = {
+        MODEL: _ArraysSave(state[0], gate=gate),
+        OPTIMIZER: _ArraysSave(state[1], gate=gate),
+        META: _MetaSave(meta, gate=gate),
+    }
+    if process_data is not None:
+        items[DATA] = _ProcessDataSave(process_data, gate=gate)
+    return ocp.args.Composite(**items)
 
 
 def arrays_restore_args(abstract: Any) -> _ArraysRestore:

@@ -21,15 +21,18 @@ from jax.experimental import multihost_utils
 from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import (
+    DATA,
     META,
     META_FILE,
     MODEL,
     OPTIMIZER,
     MetaRestore,
+    ProcessDataRestore,
     arrays_restore_args,
     guarded_save_args,
     item_handlers,
     non_finite_error,
+    process_file,
 )
 from nnxloop.checkpointing.paths import checkpoint_directory
 from nnxloop.ranking import score
@@ -203,8 +206,12 @@ class CheckpointStore:
         *,
         metrics: dict[str, float] | None = None,
         async_: bool = False,
+        process_data: dict[str, Any] | None = None,
     ) -> bool:
         """Saves the `(model, optimizer)` state tree at `step`; False if that step exists.
+
+        `process_data` (a JSON object, each process its own) goes into the `data` item, one
+        file per process; `read_process_data` gives it back to the same process.
 
         The state's finiteness is checked on the device while orbax writes; a non-finite
         state raises `NonFiniteStateError` (from `wait` for an async save) and is never
@@ -213,7 +220,7 @@ class CheckpointStore:
         manager = self.manager(async_=async_)
         if step in manager.all_steps():
             return False
-        args = guarded_save_args(state, meta, step)
+        args = guarded_save_args(state, meta, step, process_data)
         with self._refusals():
             return bool(manager.save(step, args=args, metrics=metrics, force=True))
 
@@ -290,6 +297,16 @@ class CheckpointStore:
             step, args=ocp.args.Composite(**{META: MetaRestore()})
         )
         return dict(restored[META])
+
+    def read_process_data(self, step: int) -> dict[str, Any] | None:
+        """What this process saved as `process_data` at `step`, or None when the step holds
+        no file of this process (written by another number of processes, or by one)."""
+        if not (self.path / str(step) / DATA / process_file()).exists():
+            return None
+        restored = self.manager(async_=bool(self._manager_async)).restore(
+            step, args=ocp.args.Composite(**{DATA: ProcessDataRestore()})
+        )
+        return dict(restored[DATA])
 
     def restore(
         self, step: int, abstract_model: Any, abstract_optimizer: Any = None
