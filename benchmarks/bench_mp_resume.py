@@ -1,6 +1,6 @@
 """Resuming a 2-process run: cost against how many batches it had consumed.
 
-    python benchmarks/bench_mp_resume.py [--repeats N] [--consumed 200,20000] [--dir DIR]
+    python benchmarks/bench_mp_resume.py [--quick] [--repeats N] [--consumed 200,20000] [--dir DIR]
 
 Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train a small MLP on
 grain data, each process reading its own share of every batch. For each number of consumed
@@ -148,6 +148,7 @@ def first_step(outs: list[str], steps: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 and 200 batches, one repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--consumed", default="200,20000", help="comma-separated batch counts")
     parser.add_argument("--dir", default=None, help="where the temporary checkpoints go")
@@ -157,6 +158,8 @@ def main(argv=None):
         pid, port, directory, steps, mode, started = args.child
         child(int(pid), port, directory, int(steps), mode, float(started))
         return None
+    if args.quick:
+        args.repeats, args.consumed = 1, "20,200"
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     try:

@@ -19,6 +19,7 @@ SCRIPTS = [
     "bench_peers.py",
     "bench_checkpoint.py",
     "bench_resume.py",
+    "bench_mp_resume.py",
     "bench_slow_writer.py",
 ]
 

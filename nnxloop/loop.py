@@ -11,9 +11,12 @@ pulled from the iterator only as they are used.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import jax
 
 from nnxloop import feed, summary
 from nnxloop.callbacks.base import CallbackList, StepLogs
@@ -24,6 +27,13 @@ from nnxloop.progress import evaluation_progress
 from nnxloop.triggers import next_multiple
 
 FOLD_EVERY = 1000  # steps between moves of the float32 device sums into float64 host totals
+# How far the host may dispatch ahead of the devices: every MARK_EVERY-th dispatch is marked,
+# and the host waits for the mark MARKS_AHEAD marks back, so at most about
+# MARK_EVERY * (MARKS_AHEAD + 1) dispatches are queued. XLA's CPU client deadlocks when a
+# multi-device computation waits for a device whose queue is full (32 computations): its
+# launch blocks one of the pool threads the collective needs. A dozen queued dispatches keep
+# any device busy.
+MARK_EVERY, MARKS_AHEAD = 4, 2
 
 
 class FitRun:
@@ -56,6 +66,8 @@ class FitRun:
         self.data_state: Any = None  # from a restored checkpoint, for the first epoch opened
         self.resumed = False
         self.boundaries = 0
+        self._dispatched = 0
+        self._marks: collections.deque[Any] = collections.deque()
         # While `on_train_end` runs, model states callbacks load (restore-best) wait here,
         # so that no callback's final save, wherever it stands, writes them as the training
         # state; they are loaded once every callback's `on_train_end` has run.
@@ -194,9 +206,23 @@ class FitRun:
                 self.metrics.start(engine.zero_accumulator(dispatch.sample))
                 acc, metrics = dispatch.run(engine, self.metrics.acc)
                 self.metrics.advance(acc)
+                self._bound_queue(acc)
                 t.last_metrics = metrics
                 self._after_steps(metrics, dispatch.sizes, stacked=dispatch.stacked)
             self._end_dispatch(sum(len(d.sizes) for d in dispatches))
+
+    def _bound_queue(self, acc: Any) -> None:
+        """Keeps the dispatches queued on the devices to a dozen or so (see `MARK_EVERY`):
+        waits, on every `MARK_EVERY`-th, for an older one's accumulator (never donated)."""
+        self._dispatched += 1
+        if self._dispatched % MARK_EVERY:
+            return
+        leaves = jax.tree.leaves(acc)
+        if not leaves:
+            return
+        self._marks.append(leaves[0])
+        if len(self._marks) > MARKS_AHEAD:
+            self._marks.popleft().block_until_ready()
 
     def _end_dispatch(self, steps: int) -> None:
         t = self.trainer

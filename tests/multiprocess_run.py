@@ -4,11 +4,12 @@
 Each process has DEVICES_PER_PROCESS CPU devices (1: the one-accelerator-per-process layout of
 most clusters; 2: several local devices) and passes its half of every batch, from an iterator
 with `get_state` / `set_state` whose state names its process. Prints `step N` after each step
-(process 0 only), `set_state P POSITION` when a resume restores process P's iterator,
-`preempted N` if stopped by SIGTERM, and writes WORKDIR/final_<id>.npz with the parameters as
-this process sees them.
+(each step end sleeps $STEP_SECONDS, 0.02 by default), `set_state P POSITION` when a resume
+restores process P's iterator, `preempted N` if stopped by SIGTERM, and writes
+WORKDIR/final_<id>.npz with the parameters as this process sees them.
 """
 
+import os
 import sys
 import time
 
@@ -56,9 +57,12 @@ class ShareIterator:
         print(f"set_state {state['process']} {state['position']}", flush=True)
 
 
+STEP_SECONDS = float(os.environ.get("STEP_SECONDS", "0.02"))
+
+
 class Announce(nl.Callback):
     def on_step_end(self, trainer, step, logs):
-        time.sleep(0.02)
+        time.sleep(STEP_SECONDS)
         print(f"step {step}", flush=True)
 
 

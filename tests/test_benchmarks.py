@@ -64,6 +64,28 @@ def test_bench_peers_quick_skips_the_peers_that_are_missing():
 
 
 @pytest.mark.extended
+def test_bench_mp_resume_quick_resumes_both_ways_and_cleans_up(tmp_path):
+    # The script checks that every timed process resumed at the checkpoint's step.
+    out = run([str(BENCHMARKS / "bench_mp_resume.py"), "--quick", "--dir", str(tmp_path)])
+    for row in ("saved state  after     20", "replay       after    200", "floor (saved state"):
+        assert row in out, out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--consumed", "200,many"]])
+def test_bench_mp_resume_refuses_bad_arguments(args):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_mp_resume.py"), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--" in proc.stderr, proc.stderr
+
+
+@pytest.mark.extended
 def test_bench_resume_quick_resumes_and_cleans_up(tmp_path):
     # The script itself asserts that the resumed process's first step is the one after the
     # checkpoint (and that the fresh one's is step 1).

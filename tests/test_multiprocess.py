@@ -30,9 +30,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(workdir, devices):
+def launch(workdir, devices, step_seconds=0.02):
     port = free_port()
-    env = subprocess_env(PYTHONUNBUFFERED="1")
+    env = subprocess_env(PYTHONUNBUFFERED="1", STEP_SECONDS=str(step_seconds))
     return [
         subprocess.Popen(
             [
@@ -127,7 +127,9 @@ def test_sigterm_to_one_process_stops_all_and_the_rerun_ends_bitwise(
     two_process_run, tmp_path, caplog
 ):
     never_stopped, _, devices = two_process_run
-    procs = launch(tmp_path, devices)
+    # Slow steps (0.2 s each): the processes agree on the stop within a few steps, wherever
+    # the machine's load puts the signal, so the stop is well before the run's end.
+    procs = launch(tmp_path, devices, step_seconds=0.2)
     try:
         wait_for(procs[1], "step 14")  # mid-epoch (12 steps each): the stop is too, mostly
         procs[1].send_signal(signal.SIGTERM)

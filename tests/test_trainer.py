@@ -1,3 +1,5 @@
+import time
+
 import jax
 import numpy as np
 import optax
@@ -255,3 +257,35 @@ def test_model_committed_to_one_device_trains_on_the_mesh(batches):
     trainer = nl.Trainer(model, tx(), loss_fn=loss_fn)
     trainer.fit(batches, max_steps=2)
     assert trainer.step == 2 and not kernel.is_deleted()
+
+
+def test_the_host_queues_a_bounded_number_of_dispatches():
+    k, steps = 1, 96
+    # XLA's CPU client deadlocks once a device has 32 computations queued while a collective
+    # waits for it (seen as a hung test suite on 2 cores): the host must stay a bounded number
+    # of dispatches ahead. Here each step takes the device ~5 ms and the host nothing.
+    done = []
+
+    def executed(index):
+        time.sleep(0.005)
+        done.append(int(index))
+
+    def slow_loss(model, batch):
+        jax.debug.callback(executed, batch["index"][0])
+        return loss_fn(model, batch)
+
+    ahead = []
+
+    class Watch(nl.Callback):
+        def on_step_end(self, trainer, step, logs):
+            ahead.append(step - (max(done) + 1 if done else 0))
+
+    data = make_batches(n_batches=steps)
+    for i, batch in enumerate(data):
+        batch["index"] = np.full(16, i, np.int32)
+    trainer = nl.Trainer(
+        make_model(), tx(), loss_fn=slow_loss, steps_per_dispatch=k, callbacks=[Watch()]
+    )
+    trainer.fit(data, max_steps=steps)
+    assert len(set(done)) == steps
+    assert max(ahead) <= 16 * k, max(ahead)  # a dozen dispatches and the steps of one
