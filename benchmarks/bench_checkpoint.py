@@ -67,7 +67,7 @@ class TimedCheckpoint(nl.CheckpointCallback):
             super()._save(trainer, final=True)
             return
         # The steps dispatched before the save are training, not saving: let them finish.
-        jax.block_until_ready(trainer.engine.leaves)
+        jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
         if self._watcher is not None and self._watcher.is_alive():
             self.waited += 1
         start = time.perf_counter()
@@ -95,7 +95,7 @@ class TimedResume(nl.CheckpointCallback):
     def on_train_begin(self, trainer) -> None:
         start = time.perf_counter()
         super().on_train_begin(trainer)
-        jax.block_until_ready(trainer.engine.leaves)
+        jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
         self.seconds = time.perf_counter() - start
 
 
@@ -108,7 +108,7 @@ class Stopwatch(nl.Callback):
 
     def on_step_end(self, trainer, step, logs) -> None:
         if step in (self.skip, trainer.fit_max_steps):
-            jax.block_until_ready(trainer.engine.leaves)
+            jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
             if step == self.skip:
                 self.start = time.perf_counter()
             else:
@@ -163,10 +163,10 @@ def save_run(sizes, batches, *, async_: bool, saves: int, every: int, root: str)
 def steps_per_second(sizes, batches) -> float:
     trainer = make_trainer(sizes)
     trainer.fit(batches, max_steps=3)
-    jax.block_until_ready(trainer.engine.leaves)
+    jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
     start = time.perf_counter()
     trainer.fit(batches, max_steps=13)
-    jax.block_until_ready(trainer.engine.leaves)
+    jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
     return 10 / (time.perf_counter() - start)
 
 
@@ -233,7 +233,8 @@ def bench_size(name, sizes, *, saves, gap, repeats, root):
     batches = make_batches(sizes[0], 8)
     # Saves `gap` seconds of training apart, so an async save is written before the next one.
     every = max(2, math.ceil(gap * steps_per_second(sizes, batches)))
-    state = make_trainer(sizes).engine.state()
+    made = make_trainer(sizes)
+    state = nnx.state((made.model, made.optimizer))
     leaves = jax.tree.leaves(state)
     total = sum(x.nbytes for x in leaves)
     model_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(initial_model(sizes))))

@@ -55,7 +55,7 @@ def child(directory: str, sizes: tuple[int, ...], batch: int, started: float) ->
         progress=False,
     )
     trainer.fit(make_batches(sizes[0], batch, n=4), max_steps=10_000)
-    jax.block_until_ready(trainer.engine.leaves)
+    jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
     raise SystemExit("fit ended without a step")
 
 

@@ -102,10 +102,10 @@ def trainer_loop(
     # Ends off a multiple of K, so both the scanned and the single step get compiled here.
     warm = 2 * k * len(batches) + 1
     trainer.fit(batches, max_steps=warm)
-    jax.block_until_ready(trainer.engine.leaves)
+    jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
     start = clock()
     trainer.fit(batches, max_steps=warm + steps)
-    jax.block_until_ready(trainer.engine.leaves)
+    jax.block_until_ready(nnx.state((trainer.model, trainer.optimizer)))
     return steps / (clock() - start)
 
 

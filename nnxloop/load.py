@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nnxloop._rules.tree_paths import key_parts
 from nnxloop.checkpointing import (
     OPTIMIZER,
     CheckpointError,
@@ -22,7 +23,6 @@ from nnxloop.checkpointing import (
     path_shapes,
     paths,
 )
-from nnxloop.tree_paths import key_parts
 
 log = logging.getLogger("nnxloop")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -13,35 +13,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxloop import data as data_lib
-from nnxloop.callbacks import default_callbacks
-from nnxloop.callbacks.base import Callback, CallbackList
-from nnxloop.checkpointing import CheckpointStore
-from nnxloop.checks import positive_int
-from nnxloop.ema import EMAOptimizer, check_decay
-from nnxloop.engine import StepEngine, is_metric_state, partition_specs, place_all
-from nnxloop.feed import group
-from nnxloop.history import History
-from nnxloop.loop import FitRun
-from nnxloop.metrics import Accumulation, PendingTotals
-from nnxloop.progress import wanted
-from nnxloop.saving import SaveCoordinator
-from nnxloop.training_checkpoint import restore_training
-from nnxloop.tree_paths import key_parts
+from nnxloop._data import batches as data_lib
+from nnxloop._data.feed import group
+from nnxloop._protocol.callback import Callback, CallbackList
+from nnxloop._rules.checks import positive_int
+from nnxloop._rules.tree_paths import key_parts
+from nnxloop._run.history import History
+from nnxloop._run.progress import wanted
+from nnxloop._run.run import FitRun, Progress, Settings
+from nnxloop._step.accumulation import accumulated_step
+from nnxloop._step.ema import EMAOptimizer, check_decay
+from nnxloop._step.engine import StepEngine
+from nnxloop._step.loss import split_loss
+from nnxloop._step.placement import partition_specs, place_all
 
 log = logging.getLogger("nnxloop")
-
-
-def split_loss(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Normalises a `loss_fn` result, `loss` or `(loss, metrics)`, to `(loss, metrics)`."""
-    if isinstance(out, tuple):
-        if len(out) != 2 or not isinstance(out[1], Mapping):
-            raise TypeError(
-                "loss_fn must return a scalar loss or a (loss, metrics_dict) pair; got a tuple "
-                f"of {len(out)} items."
-            )
-        return out[0], dict(out[1])
-    return out, {}
 
 
 def _overrides(obj: Any, name: str) -> bool:
@@ -152,12 +138,13 @@ class Trainer:
             _reseed(model, seed)
         self.mesh = mesh if mesh is not None else data_lib.default_mesh()
         self.callbacks = CallbackList(callbacks)
-        self.steps_per_dispatch = steps_per_dispatch
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.stage_data = stage_data
-        self.log_every_steps = log_every_steps
-        self.progress = progress
-        self.tx = tx
+        self.settings = Settings(
+            steps_per_dispatch=steps_per_dispatch,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            log_every_steps=log_every_steps,
+            progress=progress,
+            stage_data=stage_data,
+        )
         self._model = model
         partition_specs(nnx.state(model), self.mesh)  # a clear error before flax's own
         # Flax shards variables as it creates them (the optimizer's moments follow their
@@ -181,22 +168,9 @@ class Trainer:
                 grouped=gradient_accumulation_steps > 1,
                 evaluate_ema=ema_decay is not None,
             )
-        self.step = 0
-        self.epoch = 0
-        self.position = 0
-        self.stop_training = False
-        self.preempted = False
-        self.state_is_current = True
-        self.examples_seen = 0
+        self._progress = Progress()
         self.history = History()
         self._run: FitRun | None = None  # the fit call running, if any
-        self._restored_data_state: tuple[Any] | None = None  # restored outside a fit
-        self._saves: SaveCoordinator | None = None  # made by the first save: none without one
-        self.last_metrics: dict[str, jax.Array] = {}
-        self.fit_epochs: int | None = None
-        self.fit_max_steps: int | None = None
-        self.fit_total_steps: int | None = None
-        self.fit_evaluates = False
 
     # -- override points (traced under jit) -----------------------------------------------
 
@@ -239,36 +213,8 @@ class Trainer:
         return {"loss": value, **metrics}
 
     def _accumulated_step(self, model: nnx.Module, optimizer: nnx.Optimizer, group: Any) -> Any:
-        """One update from the micro-batches stacked on `group`'s leading axis: a scan that
-        sums each one's gradients of `loss_fn` (the model's other state, batch statistics and
-        RNG counts, carried from one to the next), then one update with their mean. Metrics
-        are the micro-batches' means."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        n = jax.tree.leaves(group)[0].shape[0]
-
-        def micro(carry, batch):
-            rest, total = carry
-
-            def loss(params, rest):
-                # Fresh variables: those of `rest` belong to the scan body's trace.
-                inner = nnx.merge(graphdef, params, rest, copy=True)
-                value, metrics = split_loss(self.loss_fn(inner, batch))
-                metrics = jax.tree.map(jnp.asarray, {"loss": value, **metrics})
-                # Each micro-batch's share of the mean: the sum over them is the update's
-                # gradient, with no buffer for a division after.
-                return value / n, (metrics, nnx.split(inner, nnx.Param, ...)[2])
-
-            (_, (metrics, rest)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest)
-            return (rest, jax.tree.map(jnp.add, total, grads)), metrics
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (rest, total), metrics = jax.lax.scan(micro, (rest, zeros), group)
-        nnx.update(model, rest)
-        optimizer.update(model, total)
-        # Scalars: the micro-batches' mean; a metric state: their merge.
-        return {
-            k: v.reduce() if is_metric_state(v) else jnp.mean(v, axis=0) for k, v in metrics.items()
-        }
+        """The default step with `gradient_accumulation_steps > 1` (see `accumulated_step`)."""
+        return accumulated_step(self.loss_fn, model, optimizer, group)
 
     def eval_step(self, model: nnx.Module, batch: Any) -> Any:
         """Metrics of `model` (in eval mode) on one batch; by default `loss_fn`'s loss and metrics.
@@ -313,18 +259,36 @@ class Trainer:
         return self._optimizer
 
     @property
-    def engine(self) -> StepEngine:
-        """The compiled step engine holding the flat training state (for checkpoint I/O)."""
-        return self._engine
+    def step(self) -> int:
+        """Optimizer updates done since the start of training (1 after the first); a
+        restored checkpoint's step once `fit` has resumed from it."""
+        return self._progress.step
 
     @property
-    def model_class(self) -> type:
-        """The model's class, read without bringing the model's values up to date."""
-        return type(self._model)
+    def epoch(self) -> int:
+        """Epochs done since the start of training."""
+        return self._progress.epoch
 
-    def parameter_shapes(self) -> nnx.State:
-        """The model's `nnx.Param` variables as `jax.ShapeDtypeStruct`s: no device work."""
-        return nnx.state(nnx.eval_shape(lambda: self._model), nnx.Param)
+    @property
+    def examples_seen(self) -> int:
+        """Training examples consumed since the start of training."""
+        return self._progress.examples_seen
+
+    @property
+    def stop_training(self) -> bool:
+        """Whether the running `fit` has been asked to stop (False outside a fit). A
+        callback sets it to True (through its view) to end `fit` cleanly after the current
+        step; it is saved with the run, so a rerun of a stopped run trains no further."""
+        return self._run is not None and self._run.stop_training
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        if self._run is None:
+            raise RuntimeError(
+                "stop_training asks the running fit to stop, and no fit is running: set it "
+                "from a callback (trainer.stop_training = True in any hook)."
+            )
+        self._run.stop_training = value
 
     def _learning_rate_index(self) -> int | None:
         """Where the optimizer state's injected learning rate is among the engine's leaves."""
@@ -369,96 +333,6 @@ class Trainer:
         self._engine.set_leaves(leaves)
         if self._run is None:
             self._engine.sync_to_objects()
-
-    # -- checkpoints (the callbacks' way to the save machinery) ---------------------------
-
-    def save_checkpoint(
-        self,
-        store: CheckpointStore,
-        *,
-        metrics: dict[str, float] | None = None,
-        extra_meta: dict[str, Any] | None = None,
-        on_refused: Callable[[int], None] | None = None,
-        final: bool = False,
-    ) -> bool:
-        """Saves the whole training state of this step to `store`; False when nothing is
-        written (the step exists, or the state is not finite). See `TrainerView`."""
-        return self.save_coordinator.save(
-            self, store, metrics=metrics, extra_meta=extra_meta, on_refused=on_refused, final=final
-        )
-
-    def wait_for_saves(self, store: CheckpointStore | None = None) -> None:
-        """Waits for the background saves to `store` (all stores when None) to finish."""
-        if store is None:
-            if self._saves is not None:
-                self._saves.wait_all()
-        else:
-            self.save_coordinator.finish(store)
-
-    def check_saves(self) -> None:
-        """Raises the error of any background save that has finished with one."""
-        if self._saves is not None:
-            self._saves.poll()
-
-    def save_in_background(self, max_in_flight: int) -> None:
-        """Makes this `fit`'s saves asynchronous, at most `max_in_flight` at once."""
-        self.save_coordinator.enable_async(max_in_flight)
-
-    def restore_checkpoint(self, store: CheckpointStore) -> int | None:
-        """Restores the newest readable checkpoint of `store`; returns its step or None."""
-        return restore_training(self, store)
-
-    def load_model_state(self, store: CheckpointStore, step: int) -> None:
-        """Replaces the model's state with the one saved at `step` in `store` (during
-        `on_train_end`: once every callback's `on_train_end` has run)."""
-        if self._run is not None and self._run.ending:
-            self._run.deferred_loads.append((store, step))
-            return
-        abstract = self._engine.abstract_state()
-        model_state, _ = store.restore(step, abstract[0])
-        n_model = len(jax.tree.leaves(abstract[0]))
-        self._engine.set_leaves(jax.tree.leaves(model_state) + self._engine.leaves[n_model:])
-
-    @property
-    def save_coordinator(self) -> SaveCoordinator:
-        """The save machinery of this trainer, made when a callback first saves."""
-        if self._saves is None:
-            self._saves = SaveCoordinator()
-        return self._saves
-
-    def data_state(self) -> Any:
-        """The state of the current epoch's data iterator, if it has `get_state`, else None."""
-        return self._run.current_data_state() if self._run is not None else None
-
-    def restore_progress(
-        self,
-        *,
-        step: int,
-        epoch: int,
-        position: int,
-        data_state: Any = None,
-        stopped: bool = False,
-    ) -> None:
-        """Sets where training stands (used when resuming from a checkpoint). `stopped`: the
-        run was ended by a callback (`stop_training`), so this `fit` trains no further."""
-        self.step, self.epoch, self.position = int(step), int(epoch), int(position)
-        if self._run is not None:
-            self._run.restored(data_state)
-        else:
-            self._restored_data_state = (data_state,)
-        self.stop_training = bool(stopped)
-
-    def metric_totals(self) -> PendingTotals:
-        """Running sums of the training metrics up to now, read from the device lazily.
-
-        Taking one does not wait for the device; `resolve()` on it (or `average_since`
-        between two) does, once. Consumers keep one and difference two to average over any
-        window. Taking one only starts a copy to the host (no collective, no change to
-        training), so any subset of processes may take them.
-        """
-        if self._run is None:
-            return Accumulation().pending()  # no fit running: nothing accumulated
-        return self._run.metrics.pending()
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -509,35 +383,28 @@ class Trainer:
             )
 
         self.history = History()
-        self.stop_training = False
-        self.preempted = False
-        self.fit_epochs, self.fit_max_steps = epochs, max_steps
-        self.fit_evaluates = val_data is not None
-        if self._saves is not None:
-            self._saves.reset()
         if self.step == 0:
             # A run from scratch: nothing a callback object kept from an earlier run (with
             # another trainer) carries over. A checkpoint restored below still brings back the
             # state its run saved.
             for cb in self.callbacks:
                 cb.reset_state()
-        show_progress = wanted(self.progress)
-        extra = default_callbacks(progress=show_progress, log_every_steps=self.log_every_steps)
+        show_progress = wanted(self.settings.progress)
         run = FitRun(
             self,
+            self._engine,
+            self._model,
+            self._progress,
+            self.settings,
             train_data,
             val_data=val_data,
             epochs=epochs,
             max_steps=max_steps,
             eval_every_steps=eval_every_steps,
-            callbacks=CallbackList([*self.callbacks, *extra]),
+            callbacks=self.callbacks,
             show_progress=show_progress,
             batches=self._batches,
         )
-        if self._restored_data_state is not None:
-            run.restored(self._restored_data_state[0])
-            self._restored_data_state = None
-        self.fit_total_steps = _total_steps(epochs, max_steps, run.feed.length)
         self._engine.load_from_objects()
         self._run = run
         first_epoch = len(self.history.epochs)
@@ -546,13 +413,13 @@ class Trainer:
             self._settle_history(first_epoch)
         except BaseException as exc:
             try:
-                run.callbacks.call("on_exception", self, exc)
+                run.callbacks.call("on_exception", run, exc)
             finally:
-                self._finish_saves(failing=True)
+                run.finish_saves(failing=True)
                 self._settle_history(first_epoch)
             raise
         else:
-            self._finish_saves(failing=False)
+            run.finish_saves(failing=False)
         finally:
             self._engine.sync_to_objects()
             self._run = None
@@ -569,17 +436,6 @@ class Trainer:
             except Exception:
                 log.warning("The averages of epoch %d could not be read back.", i)
                 break
-
-    def _finish_saves(self, *, failing: bool) -> None:
-        """`fit` returns only once every background save has finished."""
-        if self._saves is None:
-            return  # nothing was ever saved
-        try:
-            self._saves.wait_all()
-        except Exception:
-            if not failing:
-                raise
-            log.exception("A background checkpoint save failed while fit was failing:")
 
     # -- evaluate / predict ---------------------------------------------------------------
 
@@ -629,7 +485,7 @@ class Trainer:
         Raises:
             ValueError: the number of batches is not `gradient_accumulation_steps`.
         """
-        n = self.gradient_accumulation_steps
+        n = self.settings.gradient_accumulation_steps
         if len(batches) != n:
             raise ValueError(
                 f"step_memory needs the {n} batch{'es' if n > 1 else ''} of one update "
@@ -645,14 +501,6 @@ class Trainer:
         if not outputs:
             raise ValueError("predict got no batches.")
         return data_lib.concat(outputs)
-
-
-def _total_steps(epochs: int | None, max_steps: int | None, length: int | None) -> int | None:
-    """The step a `fit` ends at when it runs to its end: `max_steps`, or `epochs` whole epochs
-    of data with a length, whichever comes first; None when not known in advance."""
-    by_epochs = epochs * length if epochs is not None and length is not None else None
-    known = [n for n in (max_steps, by_epochs) if n is not None]
-    return min(known) if known else None
 
 
 def _check_val_sets(val_data: Any) -> None:

@@ -72,6 +72,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(inherited, PYTHONPATH=here, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_FLAGS, **extra)
 
 
+def state_leaves(trainer) -> list[tuple[str, jax.Array]]:
+    """`(path, array)` for every array of the trainer's model and optimizer state, in order,
+    as the user reads them (`trainer.model`, `trainer.optimizer`)."""
+    state = nnx.state((trainer.model, trainer.optimizer))
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
 def save_final_state(trainer, path) -> None:
     """Every array of the trainer's model and optimizer state, in order, to an `.npz` file
     (PRNG keys as their key data), for bitwise comparisons across processes."""

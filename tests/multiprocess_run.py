@@ -19,6 +19,7 @@ from conftest import injected_sgd, loss_fn, make_batches, make_model
 jax.config.update("jax_num_cpu_devices", int(sys.argv[4]))
 
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import nnxloop as nl  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(process_id, port, workdir):
     history = trainer.fit(batches, val_data=val, epochs=3)
     if history.preempted:
         print(f"preempted {trainer.step}", flush=True)
-    params = jax.tree.leaves(nl.trainer.nnx.state(trainer.model, nl.trainer.nnx.Param))
+    params = jax.tree.leaves(nnx.state(trainer.model, nnx.Param))
     np.savez(f"{workdir}/final_{process_id}.npz", *[np.asarray(p) for p in params])
     print(
         f"done {trainer.step} {history.evals[-1]['val_loss'] if history.evals else ''}", flush=True

@@ -5,6 +5,8 @@ import pytest
 from conftest import leaves_of, loss_fn, make_batches, make_model, tx
 
 import nnxloop as nl
+from nnxloop._data import batches as batch_lib
+from nnxloop._data import staging
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +110,18 @@ def test_staged_and_iterated_data_train_alike(monkeypatch):
         return trainer, history.epochs[-1]["loss"], leaves_of(trainer.model)
 
     staged, *want = run(batches)
-    assert {("staged", 4), ("host", False)} == set(staged.engine._train_fns)
+    assert {("staged", 4), ("host", False)} == set(staged._engine._train_fns)
     iterated, *got = run(Reiterable(batches))
-    assert ("host", True) in iterated.engine._train_fns
+    assert ("host", True) in iterated._engine._train_fns
     runs = [
         got,
         run(batches, stage_data=False)[1:],
         run(batches, split_at=5)[1:],
         run(tuple(batches), stage_data=True, split_at=10)[1:],
     ]
-    monkeypatch.setattr(nl.feed, "STAGE_AUTO_BYTES", 1000)  # over the automatic limit
+    monkeypatch.setattr(staging, "STAGE_AUTO_BYTES", 1000)  # over the automatic limit
     over_limit, *more = run(batches)
-    assert not any(kind == "staged" for kind, _ in over_limit.engine._train_fns)
+    assert not any(kind == "staged" for kind, _ in over_limit._engine._train_fns)
     for i, (loss, leaves) in enumerate([*runs, more]):
         if i != 3:  # (split mid-epoch 1: that average covers only the second call's steps)
             assert loss == want[0]
@@ -162,9 +164,9 @@ def test_a_list_shuffled_between_epochs_is_staged_anew():
 @pytest.mark.slow
 def test_staged_steps_prepare_no_batch_on_the_host(monkeypatch):
     prepared = []
-    prepare = nl.data.prepare
+    prepare = batch_lib.prepare
     monkeypatch.setattr(
-        nl.data, "prepare", lambda b, *a, **kw: prepared.append(1) or prepare(b, *a, **kw)
+        batch_lib, "prepare", lambda b, *a, **kw: prepared.append(1) or prepare(b, *a, **kw)
     )
     batches = make_batches(n_batches=5)
     batches[-1] = jax.tree.map(lambda x: x[:8], batches[-1])  # not alike: passed from the host

@@ -3,6 +3,7 @@ import pytest
 from conftest import loss_fn, make_batches, make_model, tx
 
 import nnxloop as nl
+from nnxloop._protocol.callback import CallbackList
 
 
 class Recorder(nl.Callback):
@@ -112,7 +113,7 @@ def test_step_hook_only_dispatched_to_overriders():
             pass
 
     rec = Recorder("r", [])
-    callbacks = nl.trainer.CallbackList([EpochOnly(), rec])
+    callbacks = CallbackList([EpochOnly(), rec])
     assert callbacks.step_end == [rec]
 
 

@@ -10,6 +10,7 @@ from conftest import loss_fn, make_batches, make_model, tx
 
 import nnxloop as nl
 from nnxloop import writers
+from nnxloop._run import totals
 
 
 def read_tensorboard(logdir):
@@ -110,7 +111,7 @@ def test_a_checkpoint_has_every_log_line_up_to_its_step_written(
     tmp_path, monkeypatch, logger_first
 ):
     # As if the host ran far ahead of the device: no queued line is ever found ready early.
-    monkeypatch.setattr(nl.metrics.PendingTotals, "ready", lambda self: False)
+    monkeypatch.setattr(totals.PendingTotals, "ready", lambda self: False)
     logdir = tmp_path / "logs"
     on_disk = {}
 

@@ -4,11 +4,12 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import leaves_of, loss_fn, make_batches, make_model
+from conftest import leaves_of, loss_fn, make_batches, make_model, state_leaves
 from conftest import sgd as tx
 from flax import nnx
 
 import nnxloop as nl
+from nnxloop._data import batches as batch_lib
 
 
 @pytest.mark.slow
@@ -73,7 +74,7 @@ def test_steps_per_dispatch_8_matches_1():
     t1, r1 = run(1)
     t8, r8 = run(8)
     assert t1.step == t8.step == 36
-    assert ("staged", 8) in t8.engine._train_fns  # the scanned step did run
+    assert ("staged", 8) in t8._engine._train_fns  # the scanned step did run
     assert sorted(r1.losses) == sorted(r8.losses) == list(range(1, 37))
     np.testing.assert_allclose(
         [r8.losses[s] for s in range(1, 37)], [r1.losses[s] for s in range(1, 37)], atol=1e-5
@@ -106,8 +107,8 @@ def test_dispatch_ends_on_steps_callbacks_ask_for():
 def test_state_is_sharded_over_the_four_devices():
     trainer = nl.Trainer(make_model(), tx(), loss_fn=loss_fn)
     assert trainer.mesh.shape == {"data": 4}
-    batch = jax.device_put(make_batches(1)[0], nl.data.batch_sharding(trainer.mesh))
+    batch = jax.device_put(make_batches(1)[0], batch_lib.batch_sharding(trainer.mesh))
     assert len(batch["x"].sharding.device_set) == 4
     trainer.fit(make_batches(), max_steps=3)
-    assert all(len(x.sharding.device_set) == 4 for x in trainer.engine.leaves)
+    assert all(len(x.sharding.device_set) == 4 for _, x in state_leaves(trainer))
     assert jax.device_count() == 4

@@ -14,7 +14,8 @@ from kill_and_rerun import TIMEOUT
 from kill_and_rerun import subprocess_env as env_for
 
 import nnxloop as nl
-from nnxloop.writers import BackgroundWriter, MetricWriter, MultiWriter
+from nnxloop.writers.base import MetricWriter
+from nnxloop.writers.combinators import BackgroundWriter, MultiWriter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 24  # 12 batches, 2 epochs

@@ -8,6 +8,8 @@ from conftest import TinyNet, leaves_of, loss_fn, make_batches, make_model, tx
 from flax import nnx
 
 import nnxloop as nl
+from nnxloop._protocol.callback import CallbackList
+from nnxloop._run import totals
 
 
 def test_fit_learns_and_reports_floats(batches, val_batches):
@@ -52,14 +54,14 @@ def test_each_epoch_accumulator_is_read_from_the_device_once(monkeypatch, k):
     # every epoch's averages are read at the end of fit. Reading each epoch's float32 sums
     # once (not once per later epoch that still holds it) keeps that O(epochs), also when a
     # callback takes (and reads) totals of its own over the same steps.
-    monkeypatch.setattr(nl.metrics._Sums, "ready", lambda self: self.host is not None)
+    monkeypatch.setattr(totals._Sums, "ready", lambda self: self.host is not None)
     read, device_get = [], jax.device_get
 
     def counting_device_get(xs):
         read.extend(x for x in xs if isinstance(x, tuple) and isinstance(x[0], dict))
         return device_get(xs)
 
-    monkeypatch.setattr(nl.metrics.jax, "device_get", counting_device_get)
+    monkeypatch.setattr(totals.jax, "device_get", counting_device_get)
     losses, windows = [], []
 
     class Record(nl.Callback):
@@ -164,7 +166,7 @@ def test_dropout_is_on_in_training():
         def on_step_end(self, trainer, step, logs):
             zeros.append(float(logs["zeros"]))
 
-    trainer.callbacks = nl.trainer.CallbackList([Record()])
+    trainer.callbacks = CallbackList([Record()])
     trainer.fit(make_batches(2), max_steps=2)
     assert all(z > 0 for z in zeros)
 

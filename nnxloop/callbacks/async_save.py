@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
-from nnxloop.checks import positive_int
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
 
 
 class AsyncSaveCallback(Callback):

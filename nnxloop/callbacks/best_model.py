@@ -7,11 +7,11 @@ import math
 import os
 from typing import Any
 
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
+from nnxloop._rules.ranking import score
 from nnxloop.callbacks.monitor import MonitorCallback
-from nnxloop.callbacks.view import TrainerView
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
-from nnxloop.checks import positive_int
-from nnxloop.ranking import score
 
 log = logging.getLogger("nnxloop")
 

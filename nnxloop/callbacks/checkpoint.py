@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
+from nnxloop._rules.triggers import Trigger
+from nnxloop._run.console import announce
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, check_directory, lock
-from nnxloop.checks import positive_int
-from nnxloop.console import announce
-from nnxloop.triggers import Trigger
 
 DEFAULT_EVERY_STEPS = 1000
 

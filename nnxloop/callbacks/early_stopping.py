@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
+from nnxloop._run.console import announce
 from nnxloop.callbacks.monitor import MonitorCallback
-from nnxloop.callbacks.view import TrainerView
-from nnxloop.checks import positive_int
-from nnxloop.console import announce
 
 
 class EarlyStopping(MonitorCallback):

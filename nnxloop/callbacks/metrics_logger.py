@@ -11,19 +11,15 @@ from typing import Any
 
 import jax
 
-from nnxloop import summary
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
+from nnxloop._rules.triggers import next_multiple
+from nnxloop._run import summary
 from nnxloop.checkpointing import check_directory, paths
-from nnxloop.checks import positive_int
-from nnxloop.triggers import next_multiple
-from nnxloop.writers import (
-    BackgroundWriter,
-    JsonlWriter,
-    MetricWriter,
-    MultiWriter,
-    TensorBoardWriter,
-)
+from nnxloop.writers.base import MetricWriter
+from nnxloop.writers.combinators import BackgroundWriter, MultiWriter
+from nnxloop.writers.files import JsonlWriter, TensorBoardWriter
 
 log = logging.getLogger("nnxloop")
 
@@ -114,7 +110,6 @@ class MetricsLogger(Callback):
         self.hparams = dict(hparams or {})
         self.writer: MetricWriter | None = None
         self._active = False
-        self._view: TrainerView | None = None
         self._mark: tuple[float, int, int] | None = None
 
     @property
@@ -143,7 +138,6 @@ class MetricsLogger(Callback):
     def on_train_begin(self, trainer: TrainerView) -> None:
         # Only process 0 writes; reading metrics is local, so the others simply skip.
         self._active = jax.process_index() == 0
-        self._view = trainer if self._active else None  # what state_dict() reads: see there
         if not self._active:
             return
         if self.logdir is not None:
@@ -256,21 +250,23 @@ class MetricsLogger(Callback):
             writer.write_scalars(step, metrics)
             writer.flush()
 
-    def state_dict(self) -> dict[str, Any]:
-        # Called when a checkpoint is saved: every line up to its step is written and made
-        # durable (flushed and fsynced) first, so a run killed after the checkpoint and
-        # resumed from it has them all. The save needs that step's state anyway, so this
-        # waits for nothing more on the device.
-        view = self._view
-        if self._active and view is not None and self._mark is not None:
+    def on_save_checkpoint(self, trainer: TrainerView, step: int) -> None:
+        # Every line up to the checkpoint's step is written and made durable (flushed and
+        # fsynced) before it is, so a run killed after the checkpoint and resumed from it has
+        # them all. The save needs that step's state anyway, so this waits for nothing more
+        # on the device.
+        if not self._active:
+            return
+        if self._mark is not None and trainer.state_is_current and step >= self._due:
             # A checkpoint callback listed before the logger saves before the logger has seen
             # this step: its line, when one is due, is queued now, as the logger would next.
-            if view.state_is_current and view.step >= self._due:
-                self._queue_line(view, view.step)
-        if self._active and self.writer is not None:
+            self._queue_line(trainer, step)
+        if self.writer is not None:
             with self._writing():
                 self._write_ready(wait=True)
                 self.writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
         # Only extra writers have state (an MLflow run id): a logger without them saves none.
         return {"writers": [_writer_state(w) for w in self.writers]} if self.writers else {}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from nnxloop.callbacks.base import Callback
-from nnxloop.callbacks.view import TrainerView
-from nnxloop.ranking import check_mode, improves
+from nnxloop._protocol.callback import Callback
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.ranking import check_mode, improves
 
 
 class MonitorCallback(Callback):

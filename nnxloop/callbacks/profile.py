@@ -8,10 +8,10 @@ from typing import Any
 
 import jax
 
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
+from nnxloop._rules.checks import positive_int
 from nnxloop.checkpointing import paths
-from nnxloop.checks import positive_int
 
 log = logging.getLogger("nnxloop")
 

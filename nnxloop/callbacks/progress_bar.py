@@ -12,9 +12,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
-from nnxloop.metrics import PendingTotals
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
+from nnxloop._run.totals import PendingTotals
 
 
 class ProgressBar(Callback):

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from nnxloop.callbacks.base import Callback, Logs
-from nnxloop.callbacks.view import TrainerView
+from nnxloop._protocol.callback import Callback, Logs
+from nnxloop._protocol.view import TrainerView
 
 log = logging.getLogger("nnxloop")
 

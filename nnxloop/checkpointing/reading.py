@@ -14,10 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from nnxloop._rules.ranking import score
 from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import META, MODEL, OPTIMIZER
-from nnxloop.ranking import score
 
 COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"
 

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from nnxloop._rules.ranking import score
 from nnxloop.checkpointing import paths
 from nnxloop.checkpointing.errors import CheckpointError
 from nnxloop.checkpointing.guard import (
@@ -35,7 +36,6 @@ from nnxloop.checkpointing.guard import (
     process_file,
 )
 from nnxloop.checkpointing.paths import checkpoint_directory
-from nnxloop.ranking import score
 
 log = logging.getLogger("nnxloop")
 

@@ -8,14 +8,37 @@ replace the model's state with a saved one, read the current learning rate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
 from flax import nnx
 
+from nnxloop._run.totals import PendingTotals
 from nnxloop.checkpointing import CheckpointStore
-from nnxloop.metrics import PendingTotals
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPlan:
+    """What the running `fit` was asked to do (Keras's `params`), for callbacks.
+
+    Attributes:
+        epochs: the `epochs` of the call, or None.
+        max_steps: the `max_steps` of the call, or None.
+        total_steps: the step the fit ends at if nothing stops it earlier (`max_steps`, or
+            `epochs` times the length of data that has one), or None when that is not known
+            in advance (epochs of an iterator without a length).
+        evaluates: whether the fit evaluates (it was given `val_data`).
+        eval_every_steps: the `eval_every_steps` of the call, or None (evaluations at epoch
+            ends).
+    """
+
+    epochs: int | None
+    max_steps: int | None
+    total_steps: int | None
+    evaluates: bool
+    eval_every_steps: int | None
 
 
 class TrainerView(Protocol):
@@ -39,20 +62,60 @@ class TrainerView(Protocol):
             (`max_steps`, or `epochs` times the length of data that has one), or None when
             that is not known in advance (epochs of an iterator without a length).
         fit_evaluates: whether the running `fit` evaluates (it was given `val_data`).
+
+    The `fit_*` members are those of `plan`, kept under the names callbacks already use.
     """
 
-    step: int
-    epoch: int
-    stop_training: bool
-    preempted: bool
-    state_is_current: bool
-    examples_seen: int
-    steps_per_dispatch: int
-    last_metrics: Mapping[str, jax.Array]
-    fit_epochs: int | None
-    fit_max_steps: int | None
-    fit_total_steps: int | None
-    fit_evaluates: bool
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def stop_training(self) -> bool: ...
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None: ...
+
+    @property
+    def preempted(self) -> bool: ...
+
+    @property
+    def state_is_current(self) -> bool: ...
+
+    @property
+    def examples_seen(self) -> int: ...
+
+    @property
+    def steps_per_dispatch(self) -> int: ...
+
+    @property
+    def last_metrics(self) -> Mapping[str, jax.Array]: ...
+
+    @property
+    def plan(self) -> FitPlan:
+        """What the running `fit` was asked to do: its epochs, max steps, the step it ends at,
+        whether it evaluates (`nl.FitPlan`)."""
+        ...
+
+    @property
+    def fit_epochs(self) -> int | None: ...
+
+    @property
+    def fit_max_steps(self) -> int | None: ...
+
+    @property
+    def fit_total_steps(self) -> int | None: ...
+
+    @property
+    def fit_evaluates(self) -> bool: ...
+
+    @property
+    def trainer(self) -> Any:
+        """The `nl.Trainer` running the fit, for its own API (`history`, `mesh`,
+        `evaluate`, ...): what a Keras callback reaches as `self.model`."""
+        ...
 
     @property
     def model(self) -> nnx.Module:

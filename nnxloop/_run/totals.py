@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnxloop.engine import host_value, is_metric_state
+from nnxloop._step.metric_values import host_value, is_metric_state
 
 
 def _plus(total: Any, value: Any) -> Any:

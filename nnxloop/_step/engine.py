@@ -16,15 +16,22 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nnxloop import data as data_lib
+from nnxloop._data import batches as data_lib
+from nnxloop._step.metric_values import (
+    Metrics,
+    as_metrics,
+    check_additive,
+    computed,
+    empty_state,
+    host_value,
+    is_metric_state,
+)
+from nnxloop._step.placement import partition_specs, place_all
 
 log = logging.getLogger("nnxloop")
-
-Metrics = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -51,247 +58,6 @@ def _wants_step(train_step: Callable[..., Any]) -> bool:
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 4
-
-
-def _is_key(leaf: Any) -> bool:
-    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def _laid_out(x: jax.Array, sharding: NamedSharding) -> bool:
-    """Whether `x` already has `sharding`: the same mesh (axis types included: an array on an
-    Explicit mesh does not run under an Auto one) and the same layout (P() and P(None) alike)."""
-    have = x.sharding
-    return have == sharding or (
-        isinstance(have, NamedSharding)
-        and have.mesh == sharding.mesh
-        and have.is_equivalent_to(sharding, x.ndim)
-    )
-
-
-# Copies on the devices the arrays are on (so valid in any mesh context), all in one call.
-_copies = jax.jit(lambda xs: [jnp.array(x, copy=True) for x in xs])
-
-
-def _buffers(x: Any) -> set[int]:
-    if isinstance(x, jax.Array):
-        return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
-    if isinstance(x, np.ndarray):
-        return {x.__array_interface__["data"][0]}
-    return set()
-
-
-def _unshared(moved: jax.Array, source: Any) -> jax.Array:
-    """`moved` (just placed from `source`) with no buffer shared with `source`.
-
-    `device_put` keeps the source's buffer for the shard on the device the source is on (a
-    replicated layout, even with `may_alias=False`); only such shards are copied, each by a
-    device-to-same-device transfer, so nothing is compiled (a jitted copy would compile once
-    per leaf shape: seconds of start-up for a model with many).
-    """
-    source_buffers = _buffers(source)
-    shards = moved.addressable_shards
-    if not any(s.data.unsafe_buffer_pointer() in source_buffers for s in shards):
-        return moved
-    pieces = [
-        jax.device_put(s.data, s.device, may_alias=False)
-        if s.data.unsafe_buffer_pointer() in source_buffers
-        else s.data
-        for s in shards
-    ]
-    return jax.make_array_from_single_device_arrays(moved.shape, moved.sharding, pieces)
-
-
-def _assembled(x: Any, sharding: NamedSharding) -> jax.Array:
-    """`x` (the same value on every process) laid out with a sharding whose mesh spans
-    several processes, built from this process's device pieces, each a buffer of its own.
-
-    `device_put` of a device array to such a sharding is not usable when the process has one
-    device: the result's one shard is the array itself with the global sharding, and reading
-    its shards fails. So each of this process's devices gets its piece directly: the whole
-    array by a device-to-device copy (nothing compiled) where the piece is all of it, a slice
-    of one host copy otherwise.
-    """
-    shape = np.shape(x)
-    host = None if isinstance(x, jax.Array) else np.asarray(x)
-    pieces = []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        whole = all(
-            isinstance(i, slice) and i.indices(n) == (0, n, 1) for i, n in zip(index, shape)
-        )
-        if whole and host is None:
-            pieces.append(jax.device_put(x, device, may_alias=False))
-            continue
-        if host is None:
-            host = np.asarray(x)
-        pieces.append(jax.device_put(np.array(host[index]), device))
-    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
-
-
-def place_all(
-    leaves: list[Any], shardings: list[NamedSharding], *, copy: bool = True
-) -> list[jax.Array]:
-    """`leaves` laid out with `shardings` (also across processes, also for PRNG keys).
-
-    With `copy`, no result shares a buffer with its leaf: donating the engine's buffers must
-    not delete arrays a user still holds. (`device_put(..., may_alias=False)` is not enough:
-    over several devices it can still reuse the source buffer for one shard.) Leaves already
-    laid out so are copied by one jitted call; a leaf that moves is copied as soon as it has
-    moved, so that no more than one moved leaf is held twice at a time.
-    """
-    out = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
-    in_place = []
-    for i, (x, sharding) in enumerate(zip(out, shardings)):
-        if isinstance(x, jax.Array) and _laid_out(x, sharding):
-            in_place.append(i)
-            continue
-        if not sharding.is_fully_addressable:
-            out[i] = _assembled(x, sharding)  # a buffer of its own on each device
-            continue
-        moved = jax.device_put(x, sharding)
-        out[i] = _unshared(moved, x) if copy else moved
-    if copy and in_place:
-        for i, x in zip(in_place, _copies([out[i] for i in in_place])):
-            out[i] = x
-    return [
-        jax.random.wrap_key_data(x, impl=jax.random.key_impl(leaf)) if _is_key(leaf) else x
-        for x, leaf in zip(out, leaves)
-    ]
-
-
-def partition_specs(tree: Any, mesh: Mesh) -> list[tuple[str, PartitionSpec]]:
-    """`(path, spec)` for each leaf of a state tree, checked against the mesh's axes.
-
-    Raises:
-        ValueError: a variable is annotated with an axis the mesh lacks (names it).
-    """
-    specs = nnx.get_partition_spec(tree)
-    spec_leaves = jax.tree.leaves(
-        specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
-    )
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    axes = set(mesh.axis_names)
-    out = []
-    for path, spec in zip(paths, spec_leaves):
-        spec = spec or PartitionSpec()
-        named = set()
-        for entry in spec:
-            named.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
-        if named - axes:
-            raise ValueError(
-                f"Variable {path} is partitioned over mesh axes {sorted(named - axes)}, but the "
-                f"Trainer's mesh has axes {mesh.axis_names}. Pass mesh= a mesh with those axes "
-                "(and build the model inside `with jax.set_mesh(mesh):`)."
-            )
-        out.append((path, spec))
-    return out
-
-
-def is_metric_state(value: Any) -> bool:
-    """Whether `value` is a mergeable metric state (a `clu.metrics.Metric`)."""
-    return isinstance(value, clu_metrics.Metric)
-
-
-def _as_metrics(out: Any, where: str) -> Metrics:
-    """`out` checked as a dict of metric name to a scalar (made float32) or a mergeable metric
-    state (a `clu.metrics.Metric`, kept as it is)."""
-    if not isinstance(out, Mapping):
-        raise TypeError(
-            f"{where} must return a dict of metric name to scalar array, got {type(out).__name__}."
-        )
-    metrics = {}
-    for name, value in out.items():
-        if not isinstance(name, str):
-            raise TypeError(
-                f"{where} returned a metric named {name!r} ({type(name).__name__}); metric names "
-                "must be strings, e.g. 'accuracy', as they are logged and monitored by name."
-            )
-        if is_metric_state(value):
-            metrics[name] = value
-            continue
-        value = jnp.asarray(value)
-        if value.shape != ():
-            raise ValueError(
-                f"{where} returned metric {name!r} with shape {value.shape}; metrics must be "
-                "scalars (reduce over the batch, e.g. with .mean()) or mergeable metric states "
-                "(a clu.metrics.Metric, e.g. clu.metrics.Average.from_model_output(values))."
-            )
-        metrics[name] = value.astype(jnp.float32)
-    return metrics
-
-
-def computed(metrics: Mapping[str, Any]) -> Metrics:
-    """Each training metric as a float32 scalar: a metric state computed, traced inside the
-    step (for each step's logs).
-
-    Raises:
-        TypeError: a state's `compute()` cannot be traced (it uses NumPy on the values).
-    """
-    out = {}
-    for k, v in metrics.items():
-        if not is_metric_state(v):
-            out[k] = v
-            continue
-        try:
-            out[k] = jnp.asarray(v.compute(), jnp.float32)
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
-            raise TypeError(
-                f"The training metric {k!r} ({type(v).__name__}) cannot be computed inside the "
-                "compiled step, where each step's value is computed for its logs: its compute() "
-                "turns traced values into NumPy arrays. Use jax.numpy in compute(), or return "
-                "the metric from eval_step only (computed once, on the host, where NumPy works)."
-            ) from e
-    return out
-
-
-def _check_additive(name: str, state: Any) -> None:
-    """Training metric states are summed over windows (and differenced): refuses a state
-    whose `merge` is not the sum of its arrays (clu's `LastValue`, `CollectingMetric`)."""
-    ones = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), state)
-    try:
-        merged = ones.merge(ones)
-        additive = jax.tree.structure(merged) == jax.tree.structure(ones) and all(
-            np.shape(m) == np.shape(o) and np.array_equal(np.asarray(m), 2 * o)
-            for m, o in zip(jax.tree.leaves(merged), jax.tree.leaves(ones))
-        )
-    except Exception:
-        additive = False
-    if not additive:
-        raise ValueError(
-            f"The training metric {name!r} is a {type(state).__name__}, whose merge is not the "
-            "sum of its arrays; training metrics are summed over steps and averaged over "
-            "windows (epochs, log lines) by differences, so their states must add (as clu's "
-            "Average, Accuracy and Std do, and counts). Return it from eval_step instead, or "
-            "return a scalar."
-        )
-
-
-def _empty(shape: Any) -> Any:
-    """The starting value of an accumulator entry shaped as `shape`: a metric state's own
-    `empty()` where it has the same arrays (a maximum starts at -inf, not 0), else zeros."""
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shape)
-    if not is_metric_state(shape):
-        return zeros
-    try:
-        empty = type(shape).empty()
-    except Exception:  # an empty() that needs arguments, or none at all
-        return zeros
-    fits = jax.tree.structure(empty) == jax.tree.structure(zeros) and all(
-        np.shape(e) == z.shape and np.asarray(e).dtype == z.dtype
-        for e, z in zip(jax.tree.leaves(empty), jax.tree.leaves(zeros))
-    )
-    return jax.tree.map(np.asarray, empty) if fits else zeros
-
-
-def host_value(name: str, state: Any) -> float:
-    """A merged metric state's value on the host, as a float."""
-    value = np.asarray(state.compute())
-    if value.shape != ():
-        raise ValueError(
-            f"Metric {name!r} ({type(state).__name__}) computes to an array of shape "
-            f"{value.shape}; metrics are logged as scalars: make compute() return one number "
-            "(e.g. a macro average), or one metric per number you want to see."
-        )
-    return float(value)
 
 
 class StepEngine:
@@ -409,7 +175,7 @@ class StepEngine:
             out = self._train_step(model, optimizer, batch, Step(number=number, key=key))
         else:
             out = self._train_step(model, optimizer, batch)
-        metrics = _as_metrics(out, "train_step")
+        metrics = as_metrics(out, "train_step")
         new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
         if treedef != self._treedef:
             raise ValueError(
@@ -457,10 +223,10 @@ class StepEngine:
         """`eval_step`'s metrics of the model, and (`evaluate_ema`) of the model with the
         optimizer's averaged parameters, as `ema_<name>`."""
         model, optimizer = self._merge(self._graphdef_eval, leaves)
-        metrics = _as_metrics(self._eval_step(model, batch), "eval_step")
+        metrics = as_metrics(self._eval_step(model, batch), "eval_step")
         if self.evaluate_ema:
             averaged = optimizer.ema.apply_to(model)
-            ema = _as_metrics(self._eval_step(averaged, batch), "eval_step")
+            ema = as_metrics(self._eval_step(averaged, batch), "eval_step")
             metrics.update({f"ema_{k}": v for k, v in ema.items()})
         return metrics
 
@@ -478,7 +244,7 @@ class StepEngine:
     def _zeros(self, shapes: Mapping[str, Any]) -> tuple[Metrics, jax.Array]:
         """A fresh accumulator for metrics shaped as `shapes` (from `eval_shape`): zeros, and
         for a metric state its `empty()` when that has the state's shapes (else all zeros)."""
-        zeros = {k: _empty(v) for k, v in shapes.items()}
+        zeros = {k: empty_state(v) for k, v in shapes.items()}
         return jax.device_put((zeros, np.zeros((), np.float32)), self._replicated)
 
     def _abstract_leaves(self):
@@ -495,7 +261,7 @@ class StepEngine:
                 _, metrics = jax.eval_shape(self._one_train_step, self._abstract_leaves(), batch)
             for name, value in metrics.items():
                 if is_metric_state(value):
-                    _check_additive(name, value)
+                    check_additive(name, value)
             self.metric_names = tuple(metrics)
             self._zero_acc = self._zeros(metrics)  # never donated: one serves all
         return self._zero_acc

@@ -14,7 +14,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from nnxloop.tree_paths import key_parts
+from nnxloop._rules.tree_paths import key_parts
 
 
 def parameter_table(params: nnx.State) -> str:

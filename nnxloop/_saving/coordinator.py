@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from nnxloop._saving.contents import Checkpointed, first_line, process_data, training_meta
 from nnxloop.checkpointing import CheckpointError, CheckpointStore, NonFiniteStateError
-from nnxloop.training_checkpoint import Checkpointed, first_line, process_data, training_meta
 
 log = logging.getLogger("nnxloop")
 
@@ -41,7 +41,7 @@ def _interrupts_after() -> Iterator[None]:
 
 
 class SaveCoordinator:
-    """Every checkpoint save of one trainer goes through here.
+    """Every checkpoint save of one fit goes through here (a new one for each `fit`).
 
     A state with non-finite values is never committed (the store checks it on the device
     while orbax writes, and the caller's `on_refused` runs when that is found). Once
@@ -55,11 +55,6 @@ class SaveCoordinator:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._used: dict[int, CheckpointStore] = {}
         self._refused: set[tuple[str, int]] = set()  # (directory, step) found non-finite
-
-    def reset(self) -> None:
-        self.async_enabled = False
-        self.max_in_flight = 1
-        self._refused.clear()  # a new fit may reach the same steps with a finite state
 
     def enable_async(self, max_in_flight: int) -> None:
         self.async_enabled = True
@@ -103,6 +98,7 @@ class SaveCoordinator:
         if self.async_enabled:
             while len(self._pending) >= self.max_in_flight:
                 self._finish(self._pending.popleft())
+        trainer.before_checkpoint()  # callbacks write out what the checkpoint must cover
         meta = training_meta(trainer)
         if extra_meta:
             meta.update(extra_meta)

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from nnxloop.callbacks.view import TrainerView
+from nnxloop._protocol.view import TrainerView
 
 Logs = Mapping[str, Any]
 
@@ -53,6 +53,14 @@ class Callback:
 
         `logs` is a mapping of floats; the training averages are read from
         the device when first accessed (`dict(logs)` or `logs.copy()` gives a plain dict).
+        """
+
+    def on_save_checkpoint(self, trainer: TrainerView, step: int) -> None:
+        """Called just before a checkpoint of `step` is written, by any callback's
+        `save_checkpoint` (and before every callback's `state_dict()` is taken for it).
+
+        Write out here what a run resumed from that checkpoint must find done: lines due up
+        to `step`, made durable (`MetricsLogger` flushes its writers here).
         """
 
     def on_train_end(self, trainer: TrainerView) -> None:

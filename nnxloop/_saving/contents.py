@@ -28,16 +28,29 @@ log = logging.getLogger("nnxloop")
 
 
 class Checkpointed(Protocol):
-    """What this module reads and sets on the trainer it saves or restores (it imports no
-    trainer: the trainer imports it)."""
+    """What this module reads and sets on the fit run it saves or restores (it imports no
+    run: the run imports it)."""
 
-    step: int
-    epoch: int
-    position: int
-    stop_training: bool
-    preempted: bool
-    steps_per_dispatch: int
-    gradient_accumulation_steps: int
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def stop_training(self) -> bool: ...
+
+    @property
+    def preempted(self) -> bool: ...
+
+    @property
+    def steps_per_dispatch(self) -> int: ...
+
+    @property
+    def gradient_accumulation_steps(self) -> int: ...
 
     @property
     def engine(self) -> Any: ...
@@ -46,6 +59,8 @@ class Checkpointed(Protocol):
     def callbacks(self) -> Iterable[Any]: ...
 
     def data_state(self) -> Any: ...
+
+    def before_checkpoint(self) -> None: ...
 
     def restore_progress(
         self,

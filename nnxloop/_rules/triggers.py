@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from nnxloop.checks import positive_int
+from nnxloop._rules.checks import positive_int
 
 
 def next_multiple(step: int, n: int) -> int:
