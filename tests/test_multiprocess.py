@@ -178,9 +178,10 @@ def test_sigterm_to_one_process_stops_all_and_the_rerun_ends_bitwise(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", LAYOUTS)
-def test_a_dead_process_makes_the_other_fail_fast(tmp_path, devices):
-    procs = launch(tmp_path, devices)
+def test_a_dead_process_makes_the_other_fail_fast(tmp_path):
+    # What notices the loss (gloo's collective, JAX's coordination service) does not depend
+    # on the local device count: the one-device layout is enough here.
+    procs = launch(tmp_path, 1)
     try:
         wait_for(procs[1], "step 6")
         os.kill(procs[1].pid, signal.SIGKILL)
